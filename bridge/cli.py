@@ -1,0 +1,197 @@
+"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, dead.
+
+Every command takes ``--config F`` (default ``$WECHAT_BRIDGE_CONFIG``, then ``./bridge.toml``). On
+the embedded default the commands talk to the running daemon's Redis through its socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from bridge import logging as blog
+from bridge.adapter import Registry
+from bridge.bus import Bus, Keys
+from bridge.config import Config, ConfigError, load, masked
+from bridge.embedded_redis import EmbeddedRedisError, client_url
+from bridge.envelope import Conversation, Sender, make_envelope
+
+#: a sub-command contributed by the adapters: (configure its parser, run it)
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Config], int]]
+
+
+def _default_config() -> str:
+    return os.environ.get("WECHAT_BRIDGE_CONFIG", "bridge.toml")
+
+
+def _redis(cfg: Config) -> Any:
+    return aioredis.Redis.from_url(client_url(cfg.data_dir, cfg.redis.url), socket_timeout=10)
+
+
+def _bus(cfg: Config, r: aioredis.Redis) -> Bus:
+    return Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from bridge.daemon import Daemon
+
+    daemon = Daemon(cfg, Registry.from_module(args.adapters))
+    asyncio.run(daemon.run_until_stopped())
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
+    options = Registry.from_module(args.adapters).validate(cfg)
+    out: dict[str, Any] = {
+        "config": str(cfg.path),
+        "instance": cfg.bridge.instance,
+        "data_dir": str(cfg.data_dir),
+        "redis": masked(cfg.redis.url) if cfg.redis.url else f"embedded ({cfg.data_dir / 'redis.sock'})",
+        "listen": cfg.http.listen,
+        "inbound": [
+            {"name": i.name, "type": i.type, "reply_via": i.reply_via,
+             "options": masked(msgspec.to_builtins(options[i.name], enc_hook=str))}
+            for i in cfg.inbound
+        ],
+        "outbound": [
+            {"name": o.name, "type": o.type, "rate": o.rate, "default_conversation": o.default_conversation,
+             "options": masked(msgspec.to_builtins(options[o.name], enc_hook=str))}
+            for o in cfg.outbound
+        ],
+        "routes": [
+            {"name": r.name, "from": r.sources, "to": [msgspec.to_builtins(t) for t in r.to],
+             "match": msgspec.to_builtins(r.match), "reply": r.reply}
+            for r in cfg.routes
+        ],
+    }  # fmt: skip
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    print("config OK", file=sys.stderr)
+    return 0
+
+
+async def _tail(cfg: Config, stream: str, count: int) -> int:
+    r = _redis(cfg)
+    try:
+        key = Keys(cfg.redis.prefix).stream(stream)
+        entries = await r.xrevrange(key, count=count)
+        for eid, fields in reversed(entries):
+            row: dict[str, Any] = {"id": eid.decode()}
+            for k, v in fields.items():
+                name = k.decode()
+                try:
+                    row[name] = json.loads(v) if name in ("e", "d") else v.decode()
+                except (ValueError, UnicodeDecodeError):
+                    row[name] = v.decode(errors="replace")
+            print(json.dumps(row, ensure_ascii=False))
+    finally:
+        await r.aclose()
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace, cfg: Config) -> int:
+    return asyncio.run(_tail(cfg, args.stream, args.count))
+
+
+async def _inject(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.inbound_by_name(args.inbound) is None:
+        names = ", ".join(i.name for i in cfg.inbound) or "none"
+        print(f"error: no inbound named {args.inbound!r} in {cfg.path} (inbound: {names})", file=sys.stderr)
+        return 1
+    env = make_envelope(
+        args.inbound,
+        Conversation(args.conversation, "group" if args.group else "direct", args.title),
+        args.text,
+        sender=Sender(args.sender, args.sender_name),
+        mentions_me=args.mention,
+        meta={"injected": "1"},
+    )
+    r = _redis(cfg)
+    try:
+        stored = await _bus(cfg, r).publish(env)
+    finally:
+        await r.aclose()
+    print(json.dumps({"envelope": env.id, "stored": stored}))
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace, cfg: Config) -> int:
+    return asyncio.run(_inject(cfg, args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wechat-bridge", description=__doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument(
+        "--config", default=None, help="config file (default: $WECHAT_BRIDGE_CONFIG, ./bridge.toml)"
+    )
+    p.add_argument("--adapters", default="adapters", help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace, Config], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("run", cmd_run, "run the daemon")
+    add("check-config", cmd_check, "validate the config; print adapters and routes, secrets masked")
+    t = add("tail", cmd_tail, "print the last entries of a stream as JSON lines, oldest first")
+    t.add_argument("stream", help="inbound, out:<sink> or dead")
+    t.add_argument("--count", "-n", type=int, default=10)
+    i = add("inject", cmd_inject, "publish a test envelope as if an inbound had received it")
+    i.add_argument("--inbound", required=True)
+    i.add_argument("--conversation", required=True)
+    i.add_argument("--text", required=True)
+    i.add_argument("--sender", default="cli")
+    i.add_argument("--sender-name", default=None)
+    i.add_argument("--title", default=None)
+    i.add_argument("--group", action="store_true", help="the conversation is a group")
+    i.add_argument("--mention", action="store_true", help="the message mentions the bot")
+    for name, (configure, fn) in extra_commands().items():
+        sp = add(name, fn, f"{name} (from the adapters)")
+        configure(sp)
+    return p
+
+
+def extra_commands(module: str = "adapters") -> dict[str, Command]:
+    """Sub-commands the adapters contribute: ``COMMANDS`` in the adapters module maps a name to a
+    module with ``configure(parser)`` and ``run(args, config) -> int``."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return {}
+    out: dict[str, Command] = {}
+    for name, ref in getattr(mod, "COMMANDS", {}).items():
+        cmd = importlib.import_module(ref)
+        out[name] = (cmd.configure, cmd.run)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = args.config or _default_config()
+    try:
+        cfg = load(path)
+        blog.setup(cfg.bridge.log_level, cfg.bridge.log_format)
+        fn: Callable[[argparse.Namespace, Config], int] = args.fn
+        return fn(args, cfg)
+    except (ConfigError, EmbeddedRedisError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

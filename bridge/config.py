@@ -1,0 +1,452 @@
+"""One TOML file, validated at start into typed models.
+
+Every error names the file, the key and what is wrong, and never shows a secret's value.
+``${VAR}`` (or ``${VAR:-default}``) is replaced from the environment in any string; ``<key>_file``
+reads ``<key>`` from a file (systemd's LoadCredential puts secrets in ``$CREDENTIALS_DIRECTORY``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_PLACEHOLDER_RE = re.compile(r"CHANGE_?ME|REPLACE_?ME|<your[ _-]", re.IGNORECASE)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+_PERIODS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+}  # fmt: skip
+
+
+class ConfigError(Exception):
+    """A configuration problem a person can act on: file, key, what is wrong."""
+
+
+class Secret:
+    """A string that never shows itself in repr, str or logs; ``reveal()`` gives the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` events per ``period`` seconds."""
+
+    count: float
+    period: float
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.count
+
+    def __str__(self) -> str:
+        return f"{self.count:g}/{self.period:g}s"
+
+
+def parse_rates(spec: str) -> list[Rate]:
+    """``"20/minute"``, ``"30/min, 1000/hour"``, ``"5/10s"``; ``"none"`` or ``""`` for no limit."""
+    spec = spec.strip()
+    if spec.lower() in ("", "none", "unlimited", "0"):
+        return []
+    rates = []
+    for part in spec.split(","):
+        m = _RATE_RE.match(part.lower())
+        if not m or m.group(3) not in _PERIODS or float(m.group(1)) <= 0:
+            raise ValueError(f"{part.strip()!r} is not a rate like '20/minute' or '5/10s'")
+        mult = float(m.group(2)) if m.group(2) else 1.0
+        if mult <= 0:
+            raise ValueError(f"{part.strip()!r}: the period must be positive")
+        rates.append(Rate(float(m.group(1)), mult * _PERIODS[m.group(3)]))
+    return rates
+
+
+# -- the core's sections ---------------------------------------------------------------------------
+
+
+class BridgeSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    instance: str = ""
+    data_dir: str = "var"
+    log_level: str = "info"
+    log_format: str = "auto"  # auto (console on a tty, else json) | json | console
+    #: how long a graceful stop waits for sends in flight before giving up on them (they stay pending)
+    shutdown_timeout: float = 10.0
+    #: replies of replies stop after this many hops (a loop guard)
+    max_hops: int = 8
+
+
+class RedisSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str | None = None
+    prefix: str = "wb"
+    #: approximate cap on every stream (XADD MAXLEN ~); size it above the worst backlog
+    stream_maxlen: int = 1_000_000
+    dead_maxlen: int = 100_000
+    dedupe_ttl: int = 86_400
+    socket_timeout: float = 5.0
+
+
+class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "127.0.0.1:8080"
+    max_body: int = 1_048_576
+
+
+class InboundConfig(msgspec.Struct, kw_only=True):
+    name: str
+    type: str
+    reply_via: str | None = None
+    #: adapter-specific keys, validated by the adapter's Options model
+    options: dict[str, Any] = {}
+
+
+class OutboundConfig(msgspec.Struct, kw_only=True):
+    name: str
+    type: str
+    #: the sink's own limit, shared by all instances; default: the adapter's
+    rate: str | None = None
+    burst: int = 1
+    default_conversation: str | None = None
+    #: deliveries sent at once by one instance (different conversations; one conversation is in order)
+    concurrency: int = 16
+    max_attempts: int = 8
+    retry_base: float = 1.0
+    retry_max: float = 300.0
+    #: an entry pending longer than this on a vanished consumer is claimed by another instance
+    claim_idle: float = 600.0
+    options: dict[str, Any] = {}
+
+
+class RouteTarget(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    sink: str
+    conversation: str | None = None
+
+
+class RouteMatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    conversations: list[str] | None = None
+    senders: list[str] | None = None
+    mentions_only: bool = False
+    text: str | None = None
+    kinds: list[str] = msgspec.field(default_factory=lambda: ["message", "reply"])
+
+
+class RouteConfig(msgspec.Struct, kw_only=True):
+    name: str
+    sources: list[str]
+    to: list[RouteTarget]
+    match: RouteMatch
+    reply: bool = False
+    pattern: re.Pattern[str] | None = None
+
+    def sends_to(self, sink: str) -> bool:
+        return any(t.sink == sink for t in self.to)
+
+
+@dataclass
+class Config:
+    path: Path
+    bridge: BridgeSection
+    redis: RedisSection
+    http: HttpSection
+    inbound: list[InboundConfig]
+    outbound: list[OutboundConfig]
+    routes: list[RouteConfig]
+
+    @property
+    def data_dir(self) -> Path:
+        p = Path(self.bridge.data_dir)
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        host, _, port = self.http.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def inbound_by_name(self, name: str) -> InboundConfig | None:
+        return next((i for i in self.inbound if i.name == name), None)
+
+    def outbound_by_name(self, name: str) -> OutboundConfig | None:
+        return next((o for o in self.outbound if o.name == name), None)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Secret:
+        if isinstance(obj, Secret):
+            return obj
+        if not isinstance(obj, str):
+            raise ValueError("expected a string")
+        return Secret(obj)
+    raise NotImplementedError(f"no decoder for {typ}")
+
+
+def convert(data: dict[str, Any], typ: type[T], where: str, file: Path) -> T:
+    """``msgspec.convert`` with an error that names the file and the key."""
+    try:
+        return msgspec.convert(data, typ, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{file}: {_where(where, str(e))}") from None
+
+
+def _where(prefix: str, msg: str) -> str:
+    m = re.search(r"^(.*) - at `\$(.*)`$", msg)
+    if m:
+        key = (prefix + m.group(2)).lstrip(".")
+        return f"{key}: {m.group(1)}"
+    m = re.search(r"unknown field `([^`]+)`", msg)
+    if m:
+        return f"{prefix + '.' + m.group(1) if prefix else m.group(1)}: unknown key"
+    m = re.search(r"missing required field `([^`]+)`", msg)
+    if m:
+        return f"{prefix + '.' + m.group(1) if prefix else m.group(1)}: required key is missing"
+    return f"{prefix}: {msg}" if prefix else msg
+
+
+def _interpolate(value: Any, key: str, file: Path, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in env:
+                return env[var]
+            if default is not None:
+                return default
+            raise ConfigError(f"{file}: {key}: environment variable ${{{var}}} is not set")
+
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, list):
+        return [_interpolate(v, f"{key}[{i}]", file, env) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return _resolve_table(value, key, file, env)
+    return value
+
+
+def _resolve_table(table: dict[str, Any], where: str, file: Path, env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{where}.{k}" if where else k
+        out[k] = _interpolate(v, key, file, env)
+    for k in [k for k in out if k.endswith("_file") and len(k) > 5]:
+        base = k[:-5]
+        key = f"{where}.{k}" if where else k
+        if base in out:
+            raise ConfigError(f"{file}: {key}: give either {base} or {k}, not both")
+        path = out.pop(k)
+        if not isinstance(path, str):
+            raise ConfigError(f"{file}: {key}: expected a file path")
+        try:
+            out[base] = Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{file}: {key}: cannot read {path}: {e.strerror}") from None
+    for k, v in out.items():
+        if isinstance(v, str) and _PLACEHOLDER_RE.search(v):
+            key = f"{where}.{k}" if where else k
+            raise ConfigError(f"{file}: {key}: still holds a placeholder value; set the real one")
+    return out
+
+
+_INBOUND_CORE = {"name", "type", "reply_via"}
+_OUTBOUND_CORE = set(OutboundConfig.__struct_fields__) - {"options"}
+
+
+def _entries(raw: dict[str, Any], section: str, file: Path) -> list[tuple[str, dict[str, Any]]]:
+    items = raw.get(section, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"{file}: {section}: expected an array of tables ([[{section}]])")
+    out = []
+    for i, item in enumerate(items):
+        name = item.get("name")
+        where = f"{section}[{i}]" if not isinstance(name, str) else f"{section}.{name}"
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ConfigError(f"{file}: {where}.name: required, letters, digits, '_', '-', '.' only")
+        if not isinstance(item.get("type"), str):
+            raise ConfigError(f"{file}: {where}.type: required key is missing")
+        out.append((where, item))
+    return out
+
+
+def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    file = Path(path)
+    env = dict(os.environ) if env is None else env
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{file}: not valid TOML: {e}") from None
+    known = {"bridge", "redis", "http", "inbound", "outbound", "routes"}
+    for k in raw:
+        if k not in known:
+            raise ConfigError(f"{file}: {k}: unknown section (expected one of {', '.join(sorted(known))})")
+
+    def section(name: str) -> dict[str, Any]:
+        v = raw.get(name, {})
+        if not isinstance(v, dict):
+            raise ConfigError(f"{file}: {name}: expected a table [{name}]")
+        return _resolve_table(v, name, file, env)
+
+    bridge = convert(section("bridge"), BridgeSection, "bridge", file)
+    if not bridge.instance:
+        bridge.instance = socket.gethostname()
+    if not NAME_RE.match(bridge.instance):
+        raise ConfigError(f"{file}: bridge.instance: letters, digits, '_', '-', '.' only")
+    redis = convert(section("redis"), RedisSection, "redis", file)
+    if redis.url is not None and not redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{file}: redis.url: expected redis://, rediss:// or unix://")
+    if not NAME_RE.match(redis.prefix):
+        raise ConfigError(f"{file}: redis.prefix: letters, digits, '_', '-', '.' only")
+    http = convert(section("http"), HttpSection, "http", file)
+    host, sep, port = http.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{file}: http.listen: expected host:port, got {http.listen!r}")
+
+    inbound: list[InboundConfig] = []
+    for where, item in _entries(raw, "inbound", file):
+        item = _resolve_table(item, where, file, env)
+        core = {k: v for k, v in item.items() if k in _INBOUND_CORE}
+        opts = {k: v for k, v in item.items() if k not in _INBOUND_CORE}
+        inbound.append(convert({**core, "options": opts}, InboundConfig, where, file))
+    outbound: list[OutboundConfig] = []
+    for where, item in _entries(raw, "outbound", file):
+        item = _resolve_table(item, where, file, env)
+        core = {k: v for k, v in item.items() if k in _OUTBOUND_CORE}
+        opts = {k: v for k, v in item.items() if k not in _OUTBOUND_CORE}
+        ob = convert({**core, "options": opts}, OutboundConfig, where, file)
+        if ob.rate is not None:
+            try:
+                parse_rates(ob.rate)
+            except ValueError as e:
+                raise ConfigError(f"{file}: {where}.rate: {e}") from None
+        for key in ("burst", "concurrency", "max_attempts"):
+            if getattr(ob, key) < 1:
+                raise ConfigError(f"{file}: {where}.{key}: must be at least 1")
+        outbound.append(ob)
+
+    for kind, items in (("inbound", inbound), ("outbound", outbound)):
+        seen: set[str] = set()
+        for it in items:
+            if it.name in seen:
+                raise ConfigError(f"{file}: {kind}.{it.name}: the name is used twice")
+            seen.add(it.name)
+    in_names = {i.name for i in inbound}
+    out_names = {o.name for o in outbound}
+    if in_names & out_names:
+        name = sorted(in_names & out_names)[0]
+        raise ConfigError(f"{file}: {name}: an inbound and an outbound share this name")
+    for i in inbound:
+        if i.reply_via is not None and i.reply_via not in out_names:
+            raise ConfigError(f"{file}: inbound.{i.name}.reply_via: no outbound named {i.reply_via!r}")
+
+    routes = [_route(i, r, file, env, in_names, out_names) for i, r in enumerate(_route_tables(raw, file))]
+    return Config(file, bridge, redis, http, inbound, outbound, routes)
+
+
+def _route_tables(raw: dict[str, Any], file: Path) -> list[dict[str, Any]]:
+    items = raw.get("routes", [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"{file}: routes: expected an array of tables ([[routes]])")
+    return items
+
+
+def _route(
+    i: int,
+    r: dict[str, Any],
+    file: Path,
+    env: dict[str, str],
+    in_names: set[str],
+    out_names: set[str],
+) -> RouteConfig:
+    name = r.get("name") if isinstance(r.get("name"), str) else f"{i}"
+    where = f"routes[{i}]"
+    r = _resolve_table(r, where, file, env)
+    allowed = {"name", "from", "to", "match", "reply"}
+    for k in r:
+        if k not in allowed:
+            raise ConfigError(f"{file}: {where}.{k}: unknown key (expected {', '.join(sorted(allowed))})")
+    src = r.get("from")
+    sources = [src] if isinstance(src, str) else src
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+        raise ConfigError(f"{file}: {where}.from: required, a source name or a list of names")
+    for s in sources:
+        if s not in in_names and s not in out_names:
+            raise ConfigError(f"{file}: {where}.from: no inbound (or replying outbound) named {s!r}")
+    to_raw = r.get("to")
+    if isinstance(to_raw, str | dict):
+        to_raw = [to_raw]
+    if not isinstance(to_raw, list) or not to_raw:
+        raise ConfigError(f"{file}: {where}.to: required, a sink name, a table or a list of them")
+    targets: list[RouteTarget] = []
+    for j, t in enumerate(to_raw):
+        t = {"sink": t} if isinstance(t, str) else t
+        target = convert(t, RouteTarget, f"{where}.to[{j}]", file) if isinstance(t, dict) else None
+        if target is None:
+            raise ConfigError(f"{file}: {where}.to[{j}]: expected a sink name or {{sink=…, conversation=…}}")
+        if target.sink not in out_names:
+            raise ConfigError(f"{file}: {where}.to[{j}]: no outbound named {target.sink!r}")
+        targets.append(target)
+    match_raw = r.get("match", {})
+    if not isinstance(match_raw, dict):
+        raise ConfigError(f"{file}: {where}.match: expected a table")
+    match = convert(match_raw, RouteMatch, f"{where}.match", file)
+    pattern = None
+    if match.text is not None:
+        try:
+            pattern = re.compile(match.text)
+        except re.error as e:
+            raise ConfigError(f"{file}: {where}.match.text: not a valid regular expression: {e}") from None
+    reply = r.get("reply", False)
+    if not isinstance(reply, bool):
+        raise ConfigError(f"{file}: {where}.reply: expected true or false")
+    return RouteConfig(name=str(name), sources=sources, to=targets, match=match, reply=reply, pattern=pattern)
+
+
+SECRET_KEYS = re.compile(r"(token|secret|password|passwd|aes_key|api_key|apikey|^key$|credential)", re.I)
+
+
+def masked(value: Any, key: str = "") -> Any:
+    """A copy of a config value fit to print: secrets shown as ``***``."""
+    if isinstance(value, Secret):
+        return "***"
+    if isinstance(value, dict):
+        return {k: masked(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v, key) for v in value]
+    if key and SECRET_KEYS.search(key) and isinstance(value, str) and value:
+        return "***"
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return re.sub(r"://[^@/]*@", "://***@", value)
+    return value

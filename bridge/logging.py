@@ -1,0 +1,58 @@
+"""structlog set-up: stable event names, key-values, JSON off a tty, secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from bridge.config import SECRET_KEYS, Secret
+
+_URL_CRED = re.compile(r"(://)[^/@\s]*@")
+_QUERY_SECRET = re.compile(r"((?:access_token|key|corpsecret|secret|token)=)[^&\s\"']+", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """Remove credentials that ride in URLs (``user:pass@``, ``?access_token=``, ``?key=``)."""
+    return _QUERY_SECRET.sub(r"\1***", _URL_CRED.sub(r"\1***@", text))
+
+
+def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for k, v in list(event.items()):
+        if isinstance(v, Secret) or (SECRET_KEYS.search(k) and k != "event" and v not in (None, "")):
+            event[k] = "***"
+        elif isinstance(v, str) and ("://" in v or "=" in v):
+            event[k] = scrub(v)
+    return event
+
+
+def setup(level: str = "info", fmt: str = "auto") -> None:
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str, **ctx: Any) -> Any:
+    """A lazy logger: safe at import time, it takes the configuration in force when it logs."""
+    return structlog.get_logger(logger=name, **ctx)

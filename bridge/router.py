@@ -1,0 +1,133 @@
+"""Routes: inbound envelopes → deliveries, one per (envelope, sink, conversation).
+
+A reply (an envelope of kind ``reply`` published by a sink, with ``origin`` set) goes home: every
+route with ``reply = true`` that took the origin's messages to that sink sends the reply to the origin
+conversation through the origin inbound's ``reply_via`` sink. Replies are also matched like any other
+envelope by routes whose ``from`` names the replying sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bridge import logging as blog
+from bridge.bus import ROUTER_GROUP, Bus
+from bridge.config import Config, RouteConfig
+from bridge.envelope import Delivery, Envelope, decode_envelope, delivery_id
+
+log = blog.get("router")
+
+
+def matches(route: RouteConfig, env: Envelope) -> bool:
+    m = route.match
+    if env.kind not in m.kinds:
+        return False
+    if m.conversations is not None and env.conversation.id not in m.conversations:
+        return False
+    if m.senders is not None and (env.sender is None or env.sender.id not in m.senders):
+        return False
+    if m.mentions_only and env.conversation.kind == "group" and not env.mentions_me:
+        return False
+    return not (route.pattern is not None and not route.pattern.search(env.text))
+
+
+def plan(config: Config, env: Envelope) -> list[Delivery]:
+    """The deliveries an envelope makes (pure: the same envelope always gives the same list)."""
+    now = time.time()
+    out: dict[str, Delivery] = {}
+
+    def add(sink: str, conversation: str | None, route: str) -> None:
+        did = delivery_id(env.id, sink, conversation)
+        if did not in out:
+            out[did] = Delivery(did, sink, env, conversation, route, now)
+
+    if env.hops > config.bridge.max_hops:
+        log.warning("route.loop", envelope=env.id, source=env.source, hops=env.hops)
+        return []
+    for r in config.routes:
+        origin = env.origin
+        if (
+            env.kind == "reply"
+            and r.reply
+            and origin
+            and origin.source in r.sources
+            and r.sends_to(env.source)
+        ):
+            inbound = config.inbound_by_name(origin.source)
+            if inbound is None or inbound.reply_via is None:
+                log.warning("route.no_reply_via", route=r.name, origin=origin.source)
+            else:
+                add(inbound.reply_via, origin.conversation.id, r.name)
+        if env.source in r.sources and matches(r, env):
+            for t in r.to:
+                sink = config.outbound_by_name(t.sink)
+                conv = t.conversation or (sink.default_conversation if sink else None)
+                add(t.sink, conv, r.name)
+    return list(out.values())
+
+
+class Router:
+    """Consumes the inbound stream (group ``router``) and writes deliveries to the out streams.
+
+    A batch is read, planned, written and acked in one pipeline; a crash before the ack means the
+    batch is routed again, and the runner's idempotency marker keeps that from sending twice.
+    """
+
+    def __init__(self, config: Config, bus: Bus, consumer: str, *, batch: int = 256) -> None:
+        self.config = config
+        self.bus = bus
+        self.consumer = consumer
+        self.batch = batch
+        self._stopping = asyncio.Event()
+        self.routed = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        stream = self.bus.keys.inbound
+        await self.bus.ensure_group(stream, ROUTER_GROUP)
+        start = "0"  # first our own pending entries (a previous life's), then new ones
+        while not self._stopping.is_set():
+            entries = await self.bus.read(
+                stream,
+                ROUTER_GROUP,
+                self.consumer,
+                count=self.batch,
+                block_ms=None if start != ">" else 1000,
+                start=start,
+            )
+            if start != ">":
+                if not entries:
+                    start = ">"
+                    continue
+                start = entries[-1][0]
+            if entries:
+                await self.route(entries)
+
+    async def route(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        pipe: Any = self.bus.redis.pipeline(transaction=False)
+        ids = []
+        for eid, fields in entries:
+            ids.append(eid)
+            raw = fields.get(b"e")
+            try:
+                if raw is None:
+                    raise ValueError("no envelope field")
+                env = decode_envelope(raw)
+            except ValueError as e:
+                log.error("route.bad_entry", entry=eid, error=str(e))
+                await self.bus.dead_letter(
+                    raw or b"", reason=f"undecodable inbound entry: {e}", origin="inbound",
+                    attempts=0, instance=self.consumer, pipe=pipe,
+                )  # fmt: skip
+                continue
+            deliveries = plan(self.config, env)
+            if not deliveries:
+                log.debug("route.unmatched", envelope=env.id, source=env.source)
+            self.bus.deliveries_pipeline(deliveries, pipe)
+            self.routed += len(deliveries)
+        pipe.xack(self.bus.keys.inbound, ROUTER_GROUP, *ids)
+        await pipe.execute()
