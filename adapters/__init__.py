@@ -6,6 +6,7 @@ The core (``bridge/``) never imports this package directly; it loads it by name 
 
 SOURCES: dict[str, str] = {
     "manual": "adapters.generic.manual:ManualSource",
+    "webhook": "adapters.generic.webhook:WebhookSource",
 }
 
 SINKS: dict[str, str] = {

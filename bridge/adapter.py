@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import aiohttp
 import msgspec
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from bridge import logging as blog
@@ -62,7 +61,7 @@ class Context:
 
     config: Config
     bus: Bus
-    redis: aioredis.Redis
+    redis: Any
     instance: str
     data_dir: Path
     http: Callable[[], aiohttp.ClientSession]
@@ -76,6 +75,18 @@ class Context:
 
     def state_key(self, adapter: str, key: str) -> str:
         return self.bus.keys.state(adapter, key)
+
+    async def set_draft(self, envelope_id: str, text: str, *, final: bool = False, ttl: int = 3600) -> None:
+        """Record the answer to an envelope so far (a streamed reply in progress)."""
+        await self.redis.hset(self.bus.keys.draft(envelope_id), mapping={"text": text, "final": int(final)})
+        await self.redis.expire(self.bus.keys.draft(envelope_id), ttl)
+
+    async def get_draft(self, envelope_id: str) -> tuple[str, bool] | None:
+        """(text so far, final) for an envelope, or None when nothing was drafted."""
+        v = await self.redis.hgetall(self.bus.keys.draft(envelope_id))
+        if not v:
+            return None
+        return v[b"text"].decode(), v.get(b"final") == b"1"
 
 
 class Adapter:
@@ -128,6 +139,17 @@ class SendContext:
     async def part_sent(self, n: int) -> None:
         """Record that parts ``0..n-1`` are sent, so a retry starts at part ``n``."""
         await self._runner.part_sent(self.delivery, n)
+
+    @property
+    def origin_envelope_id(self) -> str:
+        """The id of the message this delivery ultimately answers (the origin's, for replies)."""
+        env = self.delivery.envelope
+        return env.origin.envelope_id if env.kind == "reply" and env.origin else env.id
+
+    async def draft(self, text: str) -> None:
+        """Publish the answer so far (streamed deltas) for the origin message; sources that stream
+        replies (the WeCom AI bot) show it before the final reply arrives."""
+        await self._runner.ctx.set_draft(self.origin_envelope_id, text)
 
     async def reply(self, text: str, *, seq: int = 0, format: str = "text", **fields: Any) -> bool:
         """Publish the sink's answer as an inbound envelope of kind ``reply`` (routed home)."""

@@ -13,6 +13,7 @@ every key one script touches lives in one slot):
 ``P:{out:<sink>}:rl:<recipient>:<n>`` GCRA state of a per-recipient rate
 ``P:{dead}``                          stream: dead letters with the reason
 ``P:{state}:<adapter>:<key>``         small adapter state (tokens, cursors)
+``P:{draft}:<envelope>``              the reply to an envelope so far (streamed answers), short TTL
 ====================================  =========================================================
 
 Consumer groups: ``router`` on the inbound stream, ``runner`` on each out stream; consumer names are
@@ -21,6 +22,7 @@ Consumer groups: ``router`` on the inbound stream, ``runner`` on each out stream
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +89,9 @@ class Keys:
 
     def state(self, adapter: str, key: str) -> str:
         return f"{self.prefix}:{{state}}:{adapter}:{key}"
+
+    def draft(self, envelope_id: str) -> str:
+        return f"{self.prefix}:{{draft}}:{envelope_id}"
 
     def stream(self, name: str) -> str:
         """The stream a person names: ``inbound``, ``out:<sink>`` or ``dead``."""
@@ -158,6 +163,36 @@ class Bus:
                     continue
                 out.append((eid.decode() if isinstance(eid, bytes) else eid, fields))
         return out
+
+    async def read_or_stop(
+        self,
+        stop: asyncio.Event,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int,
+        block_ms: int | None,
+        start: str = ">",
+    ) -> list[Entry]:
+        """:meth:`read`, abandoned (with no entries) as soon as ``stop`` is set."""
+        if block_ms is None:
+            return await self.read(stream, group, consumer, count=count, block_ms=None, start=start)
+        read = asyncio.ensure_future(
+            self.read(stream, group, consumer, count=count, block_ms=block_ms, start=start)
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([read, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if read.done():
+            return read.result()
+        # Cancelled mid-read, Redis may already have handed us entries: they stay pending under our
+        # consumer name, and our next life reads its own pending entries first. Nothing is lost.
+        read.cancel()
+        await asyncio.gather(read, return_exceptions=True)
+        return []
 
     async def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:

@@ -144,5 +144,3 @@ def client_url(data_dir: Path, configured: str | None) -> str:
             "or set [redis] url)"
         )
     return f"unix://{sock}"
-
-

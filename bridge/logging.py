@@ -55,4 +55,4 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
 
 def get(name: str, **ctx: Any) -> Any:
     """A lazy logger: safe at import time, it takes the configuration in force when it logs."""
-    return structlog.get_logger(logger=name, **ctx)
+    return structlog.get_logger(logger_name=name, **ctx)

@@ -91,7 +91,8 @@ class Router:
         await self.bus.ensure_group(stream, ROUTER_GROUP)
         start = "0"  # first our own pending entries (a previous life's), then new ones
         while not self._stopping.is_set():
-            entries = await self.bus.read(
+            entries = await self.bus.read_or_stop(
+                self._stopping,
                 stream,
                 ROUTER_GROUP,
                 self.consumer,

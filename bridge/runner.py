@@ -80,6 +80,7 @@ class Runner:
         shutdown_timeout: float = 10.0,
     ) -> None:
         self.sink = sink
+        self.ctx = sink.ctx
         self.cfg = cfg
         self.bus = bus
         self.keys = bus.keys
@@ -124,7 +125,8 @@ class Runner:
             if len(self._inflight) >= limit:
                 await asyncio.wait(list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            entries = await self.bus.read(
+            entries = await self.bus.read_or_stop(
+                self._stopping,
                 self.stream, RUNNER_GROUP, self.instance,
                 count=min(self.batch, limit - len(self._inflight)),
                 block_ms=None if start != ">" else 1000, start=start,

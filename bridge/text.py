@@ -4,7 +4,8 @@ WeChat/WeCom limits are counted in UTF-8 bytes (text 2048, markdown 4096 for the
 `split_text` cuts a message into parts that each fit, never inside a code point and, where it can be
 avoided, never inside a user-perceived character (combining marks, emoji ZWJ sequences, skin tones,
 variation selectors, flags). Break points are chosen in this order of preference: around a fenced
-code block (markdown mode), paragraph, line, sentence end, whitespace, anywhere.
+code block (markdown mode), paragraph, line, sentence end, whitespace, anywhere; a better kind of
+break wins as long as it leaves the part at least a quarter full.
 
 Nothing is dropped or rewritten: `split_chunks` returns the raw pieces (same arguments, same cuts)
 and ``"".join(split_chunks(text, ...)) == text`` always holds. `split_text` only adds a "(i/n)"
@@ -281,28 +282,28 @@ def _best_cut(
 ) -> int:
     """The best cut in (s, e].
 
-    The highest-level natural break (whitespace or better) in the upper half of the window; else
-    the highest-level natural break anywhere in it; else the last cut between two user-perceived
-    characters; else a hard cut at a code point boundary.
+    The highest-level natural break (whitespace or better) that leaves the part at least a quarter
+    full; else the highest-level natural break anywhere in the window; else the last cut between
+    two user-perceived characters; else a hard cut at a code point boundary.
     """
-    half = cum[s] + room // 2
-    upper: dict[int, int] = {}
-    lower: dict[int, int] = {}
+    min_fill = cum[s] + room // 4
+    late: dict[int, int] = {}  # level -> last position with that level, cum[p] >= min_fill
+    early: dict[int, int] = {}
     p = e
     while p > s:
-        if cum[p] < half and any(level > _ANY for level in upper):
+        if cum[p] < min_fill and any(level > _ANY for level in late):
             break
         level = levels[p]
-        found = upper if cum[p] >= half else lower
+        found = late if cum[p] >= min_fill else early
         if level >= 0 and level not in found and fits(p):
             found[level] = p
         p -= 1
-    for found in (upper, lower):
+    for found in (late, early):
         natural = [level for level in found if level > _ANY]
         if natural:
             return found[max(natural)]
-    if _ANY in upper or _ANY in lower:
-        return upper.get(_ANY, lower.get(_ANY, e))
+    if _ANY in late or _ANY in early:
+        return late.get(_ANY, early.get(_ANY, e))
     p = e
     while p > s + 1 and not fits(p):
         p -= 1

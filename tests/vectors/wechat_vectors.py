@@ -60,9 +60,9 @@ _QDG_KEY = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"
 _QDG_CORP = "wx5823bf96d3bd56c7"
 
 # Source: sbzhu/weworkapi_php callback/Sample.php (Tencent's official WeCom callback sample,
-# linked from WeCom doc 90968), example 1 "验证回调URL".  The GET in the sample is
-# ...&echostr=P9nAzCzyDtyTWESHep1vC5X9xho%2FqYX3Zpb4yKa9SKld1DsH3Iyt3tP3zNdtp%2B4RPcs8TgAE7OaBO%2BFZXvnaqQ%3D%3D
-# i.e. '+' arrives percent-encoded.  The sample does not print the plaintext; we decrypted it.
+# linked from WeCom doc 90968), example 1 "验证回调URL".  In the sample's GET line the echostr is
+# percent-encoded ("...xho%2FqYX3...dtp%2B4RPcs8...BO%2BFZXvnaqQ%3D%3D"): '+' arrives as %2B.
+# The sample does not print the plaintext; we decrypted it.
 WECOM_URL_VERIFY = CallbackVector(
     name="wecom-php-sample-verify-url",
     token=_QDG_TOKEN,
@@ -145,7 +145,7 @@ WECOM_PY_MSG = CallbackVector(
         "<xml><ToUserName>ww1436e0e65a779aee</ToUserName><FromUserName>ChenJiaShun</FromUserName>"
         "<CreateTime>1476422779</CreateTime><MsgType>text</MsgType><Content>你好</Content>"
         "<MsgId>1456453720</MsgId><AgentID>1000002</AgentID></xml>"
-    ).encode("utf-8"),
+    ).encode(),
 )
 
 # Source: sbzhu/weworkapi_python callback_json/Sample.py (official JSON-format sample), example 2.
@@ -344,7 +344,7 @@ OA_ENCRYPT_VIDEO = EncryptVector(
         "<MsgType><![CDATA[video]]></MsgType><Video><MediaId><![CDATA[eYJ1MbwPRJtOvIEabaxHs7TX2D-HV71s7"
         "9GUxqdUkjm6Gs2Ed1KF3ulAOA9H1xG0]]></MediaId><Title><![CDATA[testCallBackReplyVideo]]></Title>"
         "<Description><![CDATA[testCallBackReplyVideo]]></Description></Video></xml>"
-    ).encode("utf-8"),
+    ).encode(),
     encrypt=(
         "jn1L23DB+6ELqJ+6bruv23M2GmYfkv0xBh2h+XTBOKVKcgDFHle6gqcZ1cZrk3e1qjPQ1F4RsLWzQRG9udbKWesx"
         "lkupqcEcW7ZQweImX9+wLMa0GaUzpkycA8+IamDBxn5loLgZpnS7fVAbExOkK5DYHBmv5tptA9tklE/fTIILHR8H"
