@@ -16,11 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from bridge import logging as blog
 from bridge.adapter import Registry
-from bridge.bus import Bus, Keys
+from bridge.bus import Bus, Keys, connect
 from bridge.config import Config, ConfigError, load, masked
 from bridge.embedded_redis import EmbeddedRedisError, client_url
 from bridge.envelope import Conversation, Sender, make_envelope
@@ -34,10 +33,10 @@ def _default_config() -> str:
 
 
 def _redis(cfg: Config) -> Any:
-    return aioredis.Redis.from_url(client_url(cfg.data_dir, cfg.redis.url), socket_timeout=10)
+    return connect(client_url(cfg.data_dir, cfg.redis.url), 10.0)
 
 
-def _bus(cfg: Config, r: aioredis.Redis) -> Bus:
+def _bus(cfg: Config, r: Any) -> Bus:
     return Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
 
 
@@ -170,9 +169,24 @@ def extra_commands(module: str = "adapters") -> dict[str, Command]:
         return {}
     out: dict[str, Command] = {}
     for name, ref in getattr(mod, "COMMANDS", {}).items():
-        cmd = importlib.import_module(ref)
-        out[name] = (cmd.configure, cmd.run)
+        try:
+            cmd = importlib.import_module(ref)
+            out[name] = (cmd.configure, cmd.run)
+        except ImportError as e:  # one broken command must not take `run` down with it
+            out[name] = (_no_args, _broken(ref, e))
     return out
+
+
+def _no_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def _broken(ref: str, err: ImportError) -> Callable[[argparse.Namespace, Config], int]:
+    def run(args: argparse.Namespace, cfg: Config) -> int:
+        print(f"error: this command is unavailable: cannot import {ref}: {err}", file=sys.stderr)
+        return 1
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

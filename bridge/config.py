@@ -112,7 +112,8 @@ class RedisSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_maxlen: int = 1_000_000
     dead_maxlen: int = 100_000
     dedupe_ttl: int = 86_400
-    socket_timeout: float = 5.0
+    #: seconds; keep it well under WeChat's 5 s callback deadline (and above 1 s, the read block)
+    socket_timeout: float = 3.0
 
 
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

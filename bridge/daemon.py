@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -10,12 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from bridge import logging as blog
 from bridge.adapter import Context, Registry, Sink, Source
-from bridge.bus import UNAVAILABLE, Bus, Keys
+from bridge.bus import UNAVAILABLE, Bus, Keys, connect
 from bridge.config import Config
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.router import Router
@@ -48,6 +48,7 @@ class Supervisor:
     def __init__(self) -> None:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.stopping = False
+        self._stop = asyncio.Event()
         self.crashes: dict[str, int] = {}
 
     def spawn(self, name: str, factory: Callable[[], Awaitable[None]], *, restart: bool = True) -> None:
@@ -70,11 +71,20 @@ class Supervisor:
                 log.exception("task.crashed", task=name, restart_in=delay)
             if self.stopping or not restart:
                 return
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)  # a stop cuts the back-off short
+            if self.stopping:
+                return
             delay = min(delay * 2, 30.0)
+
+    def cancel(self, name: str) -> None:
+        task = self.tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
+        self._stop.set()
         tasks = list(self.tasks.values())
         if not tasks:
             return
@@ -90,7 +100,7 @@ class Daemon:
         self.registry = registry or Registry.from_module()
         self.instance = config.bridge.instance
         self.embedded: EmbeddedRedis | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: Any = None
         self.bus: Bus | None = None
         self.sources: dict[str, Source] = {}
         self.sinks: dict[str, Sink] = {}
@@ -119,12 +129,7 @@ class Daemon:
             await self.embedded.start()
             self._shutdown.append(("embedded_redis", self.embedded.stop))
             url = self.embedded.url
-        self.redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=cfg.redis.socket_timeout,
-            socket_connect_timeout=cfg.redis.socket_timeout,
-            health_check_interval=30,
-        )
+        self.redis = connect(url, cfg.redis.socket_timeout)
         self._shutdown.append(("redis", self.redis.aclose))
         self.bus = Bus(
             self.redis,
@@ -213,6 +218,7 @@ class Daemon:
             await asyncio.sleep(every)
 
     async def stop(self) -> None:
+        self.supervisor.cancel("watchdog")
         sd_notify("STOPPING=1")
         log.info("daemon.stopping")
         while self._shutdown:

@@ -88,7 +88,9 @@ def registry() -> Registry:
 def write_config(tmp_path: Path, prefix: str) -> Callable[..., Config]:
     """Write a config with the test Redis, prefix and a free port, then load it."""
 
-    def make(body: str, *, redis: bool = True, name: str = "bridge.toml", env: dict[str, str] | None = None) -> Config:
+    def make(
+        body: str, *, redis: bool = True, name: str = "bridge.toml", env: dict[str, str] | None = None
+    ) -> Config:
         head = f'[bridge]\ninstance = "t1"\ndata_dir = "{tmp_path / "var"}"\nlog_format = "console"\nshutdown_timeout = 5\n'
         if redis:
             head += f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n'

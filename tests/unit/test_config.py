@@ -57,18 +57,33 @@ def test_valid_config_loads(tmp_path: Path) -> None:
         ("[[inbound]]\ntype = 'manual'\n", "inbound[0].name: required"),
         ("[[inbound]]\nname = 'a'\n", "inbound.a.type: required key is missing"),
         ("[[outbound]]\nname = 'o'\ntype = 'log'\nrate = '20 per minute'\n", "outbound.o.rate:"),
-        ("[[outbound]]\nname = 'o'\ntype = 'log'\nconcurrency = 0\n", "outbound.o.concurrency: must be at least 1"),
-        ("[[inbound]]\nname = 'a'\ntype = 'manual'\nreply_via = 'x'\n", "inbound.a.reply_via: no outbound named 'x'"),
+        (
+            "[[outbound]]\nname = 'o'\ntype = 'log'\nconcurrency = 0\n",
+            "outbound.o.concurrency: must be at least 1",
+        ),
+        (
+            "[[inbound]]\nname = 'a'\ntype = 'manual'\nreply_via = 'x'\n",
+            "inbound.a.reply_via: no outbound named 'x'",
+        ),
         ("[[inbound]]\nname = 'a'\ntype = 'nosuch'\n", "inbound.a.type: unknown inbound type 'nosuch'"),
         ("[[outbound]]\nname = 'o'\ntype = 'log'\nbogus = 1\n", "outbound.o.bogus: unknown key"),
         ("[[outbound]]\nname = 'o'\ntype = 'http'\n", "outbound.o.url: required key is missing"),
         ("[[outbound]]\nname = 'o'\ntype = 'http'\nurl = 'ftp://x'\n", "outbound.o.url: expected an http"),
         (BASE + "[[routes]]\nfrom = 'ghost'\nto = 'out'\n", "routes[1].from: no inbound"),
         (BASE + "[[routes]]\nfrom = 'corp'\nto = 'ghost'\n", "routes[1].to[0]: no outbound named 'ghost'"),
-        (BASE + "[[routes]]\nfrom = 'corp'\nto = 'out'\nmatch = {text = '('}\n", "routes[1].match.text: not a valid"),
-        (BASE + "[[routes]]\nfrom = 'corp'\nto = 'out'\nmatch = {nope = 1}\n", "routes[1].match.nope: unknown key"),
+        (
+            BASE + "[[routes]]\nfrom = 'corp'\nto = 'out'\nmatch = {text = '('}\n",
+            "routes[1].match.text: not a valid",
+        ),
+        (
+            BASE + "[[routes]]\nfrom = 'corp'\nto = 'out'\nmatch = {nope = 1}\n",
+            "routes[1].match.nope: unknown key",
+        ),
         (BASE + "[[routes]]\nfrom = 'corp'\nto = 'out'\nwhen = 1\n", "routes[1].when: unknown key"),
-        ("[[outbound]]\nname = 'o'\ntype = 'log'\n[[outbound]]\nname = 'o'\ntype = 'log'\n", "outbound.o: the name is used twice"),
+        (
+            "[[outbound]]\nname = 'o'\ntype = 'log'\n[[outbound]]\nname = 'o'\ntype = 'log'\n",
+            "outbound.o: the name is used twice",
+        ),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -101,7 +116,11 @@ def test_secret_from_file_and_masked(tmp_path: Path) -> None:
     assert isinstance(opts.secret, Secret)
     assert opts.secret.reveal() == "s3cret-value"
     assert "s3cret" not in repr(opts) and "s3cret" not in str(opts.secret)
-    assert masked({"secret": "x", "corp_secret": "y", "name": "n"}) == {"secret": "***", "corp_secret": "***", "name": "n"}
+    assert masked({"secret": "x", "corp_secret": "y", "name": "n"}) == {
+        "secret": "***",
+        "corp_secret": "***",
+        "name": "n",
+    }
     assert masked("redis://user:pw@host:6379/0") == "redis://***@host:6379/0"
 
 
