@@ -28,9 +28,10 @@ async def test_embedded_redis_starts_persists_and_stops(tmp_path: Path) -> None:
     await r.xadd("s", {"k": "v"})
     await r.aclose()
     await er.stop()
-    assert not (data / "redis.sock").exists() or not os.path.exists(f"/proc/{pid}")
-    assert (data / "appendonly.aof").exists() or (data / "appendonlydir").exists()
-    assert not Path(f"/proc/{pid}").exists()  # the process is gone
+    files = {p.name for p in data.iterdir()}
+    assert "redis.sock" not in files  # stopped cleanly
+    assert "appendonly.aof" in files or "appendonlydir" in files  # persistence is on
+    assert not Path(f"/proc/{pid}").exists()  # noqa: ASYNC240 - the process is gone
 
     er2 = EmbeddedRedis(data)
     await er2.start()
@@ -56,7 +57,9 @@ def cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProce
 
 def demo_config(tmp_path: Path, port: int) -> Path:
     text = (ROOT / "config" / "demo.toml").read_text()
-    text = text.replace('"../var/demo"', f'"{tmp_path / "var"}"').replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    text = text.replace('"../var/demo"', f'"{tmp_path / "var"}"').replace(
+        "127.0.0.1:8080", f"127.0.0.1:{port}"
+    )
     p = tmp_path / "demo.toml"
     p.write_text(text)
     return p
@@ -92,7 +95,18 @@ def test_demo_run_inject_tail_and_sigterm(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert status == 200 and body["ready"] is True
 
-        out = cli("inject", "--config", str(cfg), "--inbound", "demo", "--conversation", "room-1", "--text", "hello 你好", cwd=tmp_path)
+        out = cli(
+            "inject",
+            "--config",
+            str(cfg),
+            "--inbound",
+            "demo",
+            "--conversation",
+            "room-1",
+            "--text",
+            "hello 你好",
+            cwd=tmp_path,
+        )
         assert out.returncode == 0, out.stderr
         env_id = json.loads(out.stdout)["envelope"]
         rows: list[Any] = []
@@ -106,7 +120,18 @@ def test_demo_run_inject_tail_and_sigterm(tmp_path: Path) -> None:
         assert rows[-1]["d"]["envelope"]["text"] == "hello 你好"
         t = cli("tail", "--config", str(cfg), "inbound", cwd=tmp_path)
         assert json.loads(t.stdout.splitlines()[-1])["e"]["id"] == env_id
-        bad = cli("inject", "--config", str(cfg), "--inbound", "nope", "--conversation", "c", "--text", "t", cwd=tmp_path)
+        bad = cli(
+            "inject",
+            "--config",
+            str(cfg),
+            "--inbound",
+            "nope",
+            "--conversation",
+            "c",
+            "--text",
+            "t",
+            cwd=tmp_path,
+        )
         assert bad.returncode == 1 and "no inbound named 'nope'" in bad.stderr
         bad = cli("tail", "--config", str(cfg), "sideways", cwd=tmp_path)
         assert bad.returncode == 2 and "unknown stream" in bad.stderr
@@ -143,7 +168,9 @@ def test_check_config_masks_secrets_and_names_bad_keys(tmp_path: Path) -> None:
     shown = json.loads(out.stdout)
     assert shown["outbound"][0]["options"]["secret"] == "***"
     assert shown["routes"][0]["to"] == [{"sink": "dash", "conversation": None}]
-    p.write_text('[[outbound]]\nname = "dash"\ntype = "http"\nurl = "https://x"\nsecrett = "very-secret-sink"\n')
+    p.write_text(
+        '[[outbound]]\nname = "dash"\ntype = "http"\nurl = "https://x"\nsecrett = "very-secret-sink"\n'
+    )
     out = cli("check-config", "--config", str(p), cwd=tmp_path)
     assert out.returncode == 1
     assert "outbound.dash.secrett: unknown key" in out.stderr
