@@ -19,10 +19,10 @@ import msgspec
 
 from bridge import logging as blog
 from bridge.adapter import Registry
-from bridge.bus import Bus, Keys, connect
+from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Keys, connect
 from bridge.config import Config, ConfigError, load, masked
 from bridge.embedded_redis import EmbeddedRedisError, client_url
-from bridge.envelope import Conversation, Sender, make_envelope
+from bridge.envelope import Conversation, Sender, decode_delivery, make_envelope
 
 #: a sub-command contributed by the adapters: (configure its parser, run it)
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Config], int]]
@@ -126,6 +126,82 @@ def cmd_inject(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_inject(cfg, args))
 
 
+async def _status(cfg: Config) -> int:
+    r = _redis(cfg)
+    keys = Keys(cfg.redis.prefix)
+    out: dict[str, Any] = {"instance": cfg.bridge.instance, "streams": {}}
+    try:
+        streams = [("inbound", keys.inbound, ROUTER_GROUP), ("dead", keys.dead, None)]
+        streams += [(f"out:{o.name}", keys.out(o.name), RUNNER_GROUP) for o in cfg.outbound]
+        for name, key, group in streams:
+            row: dict[str, Any] = {"length": await r.xlen(key)}
+            if group:
+                groups = {g["name"].decode(): g for g in await r.xinfo_groups(key)} if row["length"] else {}
+                g = groups.get(group)
+                row["pending"] = int(g["pending"]) if g else 0
+                row["lag"] = g.get("lag") if g else 0
+                if g:
+                    consumers = await r.xinfo_consumers(key, group)
+                    row["consumers"] = {
+                        c["name"].decode(): {"pending": c["pending"], "idle_ms": c["idle"]} for c in consumers
+                    }
+            out["streams"][name] = row
+    finally:
+        await r.aclose()
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    return asyncio.run(_status(cfg))
+
+
+async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
+    """Send dead letters again: clear their idempotency marker, re-add to the sink's stream, remove."""
+    r = _redis(cfg)
+    keys = Keys(cfg.redis.prefix)
+    replayed = 0
+    try:
+        entries = (
+            await r.xrange(keys.dead)
+            if replay_all
+            else [e for i in ids for e in await r.xrange(keys.dead, i, i)]
+        )
+        if not replay_all and len(entries) != len(ids):
+            found = {e[0].decode() for e in entries}
+            print(f"error: no dead letter {', '.join(i for i in ids if i not in found)}", file=sys.stderr)
+            return 1
+        for eid, fields in entries:
+            raw = fields.get(b"d", b"")
+            try:
+                d = decode_delivery(raw)
+            except ValueError:
+                print(f"skipped {eid.decode()}: not a delivery (an undecodable entry)", file=sys.stderr)
+                continue
+            if cfg.outbound_by_name(d.sink) is None:
+                print(f"skipped {eid.decode()}: no outbound named {d.sink!r} in the config", file=sys.stderr)
+                continue
+            pipe = r.pipeline(transaction=False)
+            pipe.delete(keys.mark(d.sink, d.id))
+            pipe.xadd(keys.out(d.sink), {"d": raw}, maxlen=cfg.redis.stream_maxlen, approximate=True)
+            pipe.xdel(keys.dead, eid)
+            await pipe.execute()
+            replayed += 1
+    finally:
+        await r.aclose()
+    print(json.dumps({"replayed": replayed}))
+    return 0
+
+
+def cmd_dead(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "list":
+        return asyncio.run(_tail(cfg, "dead", args.count))
+    if not args.ids and not args.all:
+        print("error: dead replay: give dead-letter ids (from `dead list`) or --all", file=sys.stderr)
+        return 2
+    return asyncio.run(_replay(cfg, args.ids, args.all))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wechat-bridge", description=__doc__.splitlines()[0] if __doc__ else "")
     p.add_argument(
@@ -154,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--title", default=None)
     i.add_argument("--group", action="store_true", help="the conversation is a group")
     i.add_argument("--mention", action="store_true", help="the message mentions the bot")
+    add("status", cmd_status, "stream lengths, pending entries and consumers")
+    dl = add("dead", cmd_dead, "list dead letters, or send them again")
+    dl.add_argument("action", choices=["list", "replay"])
+    dl.add_argument("ids", nargs="*", help="dead-letter ids to replay")
+    dl.add_argument("--all", action="store_true", help="replay every dead letter")
+    dl.add_argument("--count", "-n", type=int, default=20)
     for name, (configure, fn) in extra_commands().items():
         sp = add(name, fn, f"{name} (from the adapters)")
         configure(sp)

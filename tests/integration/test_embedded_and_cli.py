@@ -177,3 +177,42 @@ def test_check_config_masks_secrets_and_names_bad_keys(tmp_path: Path) -> None:
     assert "very-secret" not in out.stderr
     env_cfg = cli("check-config", cwd=tmp_path)  # no --config, no $WECHAT_BRIDGE_CONFIG: ./bridge.toml
     assert env_cfg.returncode == 1 and "bridge.toml: no such file" in env_cfg.stderr
+
+
+async def test_status_and_dead_replay(write_config: Any, start_daemon: Any) -> None:
+    import asyncio
+
+    from bridge.adapter import PermanentError
+    from bridge.envelope import Conversation, make_envelope
+    from tests.conftest import CollectSink, wait_for
+
+    cfg = write_config(
+        '[[inbound]]\nname = "in"\ntype = "manual"\n[[outbound]]\nname = "c"\ntype = "collect"\n'
+        '[[routes]]\nfrom = "in"\nto = "c"\n'
+    )
+    d = await start_daemon(cfg)
+    sink = CollectSink.instances["c"]
+    sink.script = [PermanentError("chat gone: recreate it")]
+    await d.bus.publish(make_envelope("in", Conversation("g1"), "retry me"))
+    await wait_for(lambda: d.redis.xlen(d.bus.keys.dead))
+
+    status = await asyncio.to_thread(cli, "status", "--config", str(cfg.path), cwd=cfg.path.parent)
+    assert status.returncode == 0, status.stderr
+    s = json.loads(status.stdout)["streams"]
+    assert s["dead"]["length"] == 1 and s["out:c"]["pending"] == 0 and "t1" in s["out:c"]["consumers"]
+
+    listed = await asyncio.to_thread(cli, "dead", "list", "--config", str(cfg.path), cwd=cfg.path.parent)
+    [row] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert row["reason"] == "permanent: chat gone: recreate it"
+    bad = await asyncio.to_thread(
+        cli, "dead", "replay", "0-1", "--config", str(cfg.path), cwd=cfg.path.parent
+    )
+    assert bad.returncode == 1 and "no dead letter 0-1" in bad.stderr
+    out = await asyncio.to_thread(
+        cli, "dead", "replay", row["id"], "--config", str(cfg.path), cwd=cfg.path.parent
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"replayed": 1}
+    await wait_for(lambda: len(sink.sent) == 1)
+    assert sink.sent[0].envelope.text == "retry me"
+    assert await d.redis.xlen(d.bus.keys.dead) == 0
