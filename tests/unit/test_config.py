@@ -145,14 +145,13 @@ def test_rates() -> None:
         parse_rates("5/fortnight")
 
 
-def test_example_configs_are_valid() -> None:
+def test_example_configs_are_valid(tmp_path: Path) -> None:
+    """Every shipped config validates, adapters' options included, with stand-in credential files."""
+    import re
+
     root = Path(__file__).parents[2] / "config"
-    env = {"CREDENTIALS_DIRECTORY": str(root)}
     for p in sorted(root.glob("*.toml")):
-        try:
-            cfg = load(p, env=env)
-        except ConfigError as e:
-            # the full example reads secrets from files that exist only on a real deployment
-            assert "cannot read" in str(e) or "is not set" in str(e), str(e)
-            continue
+        for name in re.findall(r"\$\{CREDENTIALS_DIRECTORY\}/([\w.-]+)", p.read_text()):
+            (tmp_path / name).write_text("A" * 43 if "aes" in name else f"test-{name}")
+        cfg = load(p, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
         Registry.from_module().validate(cfg)
