@@ -140,6 +140,7 @@ class Daemon:
         )
         try:
             await self.redis.ping()
+            await self._check_persistence()
         except UNAVAILABLE as e:  # start anyway: /readyz says so and tasks retry until it answers
             log.warning("daemon.redis_unavailable", error=str(e))
 
@@ -191,6 +192,22 @@ class Daemon:
         sd_notify("READY=1\nSTATUS=running")
         log.info("daemon.started", listen=f"{host}:{self.port}", sources=list(self.sources),
                  sinks=list(self.sinks), routes=len(cfg.routes))  # fmt: skip
+
+    async def _check_persistence(self) -> None:
+        """Warn when Redis keeps nothing on disk: then "stored" does not survive a Redis restart."""
+        try:
+            conf = await self.redis.config_get("appendonly")
+            conf.update(await self.redis.config_get("save"))
+        except Exception:  # managed Redis often forbids CONFIG: nothing to say then
+            return
+        aof = conf.get(b"appendonly", conf.get("appendonly"))
+        save = conf.get(b"save", conf.get("save"))
+        if aof in (b"no", "no") and save in (b"", ""):
+            log.warning(
+                "redis.no_persistence",
+                hint="this Redis keeps nothing on disk: set appendonly yes, or accepted messages "
+                "are lost when Redis restarts",
+            )
 
     def _http(self) -> aiohttp.ClientSession:
         if self.http_session is None or self.http_session.closed:

@@ -213,3 +213,18 @@ async def test_supervisor_restarts_a_crashed_task() -> None:
     await wait_for(lambda: len(runs) == 3, timeout=5)
     assert sup.crashes["flaky"] == 2
     await sup.stop(0.1)
+
+
+async def test_warns_when_redis_keeps_nothing_on_disk(
+    private_redis: RedisServer, write_config: Any, start_daemon: Any, capfd: Any
+) -> None:
+    cfg = write_config(WEBHOOK, redis=False)
+    cfg.redis.url = private_redis.url  # started with --save "" --appendonly no
+    await start_daemon(cfg)
+    assert "redis.no_persistence" in capfd.readouterr().err
+
+
+async def test_no_warning_on_the_embedded_redis(write_config: Any, start_daemon: Any, capfd: Any) -> None:
+    await start_daemon(write_config(WEBHOOK, redis=False))
+    err = capfd.readouterr().err
+    assert "embedded_redis.started" in err and "redis.no_persistence" not in err
