@@ -1,0 +1,408 @@
+"""What the three WeChat inbound types share: verify → decrypt → parse → dedupe+publish → answer.
+
+``wecom_app`` (adapters/wecom/app_callback.py), ``wecom_aibot`` (adapters/wecom/aibot.py) and
+``wechat_oa`` (adapters/official_account/push.py) subclass :class:`WeChatInbound`. Each serves GET
+(URL verification) and POST (messages) on its ``path``; aiohttp answers 405 to any other method.
+
+Order of the checks on a POST, cheapest first, nothing decrypted before the signature is checked:
+
+1. query parameters present and well formed, timestamp fresh (403);
+2. body read up to ``max_body`` bytes (413);
+3. outer body parsed (400), signature checked in constant time (403);
+4. decrypted (400 on bad base64/padding/length/receive id), inner payload parsed (400);
+5. published with its dedupe key in one Redis round trip; only then answered.
+
+Refusals raise :class:`Refused`; the log line says why (a fixed reason, never a secret, never the
+body) and the caller gets the status with that reason as text.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from defusedxml import DefusedXmlException
+from defusedxml import ElementTree as DefusedET
+
+from adapters.wechat_crypto import BadSignature, CryptoError, WXBizMsgCrypt, decode_aes_key
+from bridge.adapter import HttpRoute, Source
+from bridge.config import Secret
+from bridge.envelope import Attachment, Conversation, Envelope, Sender, make_envelope, stable_id
+
+#: default cap on a callback body; real callbacks are a few KiB
+DEFAULT_MAX_BODY = 65_536
+#: default tolerance on the callback's timestamp, in seconds (0 = off). WeChat retries within about
+#: 15 s of the first try; five minutes also absorbs ordinary clock skew.
+DEFAULT_TIMESTAMP_TOLERANCE = 300
+#: default lifetime of a dedupe marker; WeChat retries within seconds, so a day is plenty
+DEFAULT_DEDUPE_TTL = 86_400
+_MAX_XML_DEPTH = 16
+_MAX_PARAM = 4096
+
+
+class Refused(Exception):
+    """A request we do not accept: ``status`` for the caller, ``reason`` (fixed text) for both."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def crypto_refusal(e: CryptoError) -> Refused:
+    if isinstance(e, BadSignature):
+        return Refused(403, "bad signature")
+    return Refused(400, f"cannot decrypt: {e}")  # the crypto's messages are fixed strings
+
+
+class InboundOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Keys every WeChat inbound has (``name`` and ``type`` are the core's)."""
+
+    path: str
+    token: Secret
+    #: seconds the callback's timestamp may differ from our clock (0 = off)
+    timestamp_tolerance: int = DEFAULT_TIMESTAMP_TOLERANCE
+    #: seconds a platform message id is remembered, so retries are not published twice
+    dedupe_ttl: int = DEFAULT_DEDUPE_TTL
+    #: bytes; a larger body is refused with 413 before it is parsed
+    max_body: int = DEFAULT_MAX_BODY
+
+    def check(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError("path: must start with '/'")
+        if not self.token.reveal():
+            raise ValueError("token: must not be empty")
+        if self.timestamp_tolerance < 0:
+            raise ValueError("timestamp_tolerance: must be 0 (off) or a number of seconds")
+        if self.dedupe_ttl < 1:
+            raise ValueError("dedupe_ttl: must be at least 1 second")
+        if not 1024 <= self.max_body <= 16 * 1_048_576:
+            raise ValueError("max_body: must be between 1024 and 16777216 bytes")
+
+
+def check_aes_key(key: Secret | None) -> None:
+    try:
+        decode_aes_key(key.reveal() if key is not None else "")
+    except CryptoError:
+        raise ValueError(
+            "encoding_aes_key: must be the 43-character EncodingAESKey from the console"
+        ) from None
+
+
+# -- request pieces ---------------------------------------------------------------------------------
+
+
+def parse_query(request: web.Request) -> dict[str, str]:
+    """The query string decoded exactly once, ``+`` kept as ``+``.
+
+    Tencent percent-encodes ``+`` as ``%2B``; a raw ``+`` must not become a space either (a
+    form-style parser would do that), since no WeChat parameter ever holds a space.
+    """
+    out: dict[str, str] = {}
+    raw = request.rel_url.raw_query_string
+    if not raw:
+        return out
+    for part in raw.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        try:
+            key = urllib.parse.unquote(name, errors="strict")
+            val = urllib.parse.unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise Refused(400, "query is not UTF-8") from None
+        if key in out:
+            raise Refused(400, f"query parameter {key[:40]!r} is repeated")
+        out[key] = val
+    return out
+
+
+def required(query: Mapping[str, str], *names: str, status: int = 403) -> list[str]:
+    """The values of ``names``; a missing or empty one refuses with ``status``."""
+    values = []
+    for n in names:
+        v = query.get(n, "")
+        if not v or len(v) > _MAX_PARAM:
+            raise Refused(status, f"missing {n}")
+        values.append(v)
+    return values
+
+
+def check_timestamp(timestamp: str, tolerance: int, now: float | None = None) -> None:
+    if not tolerance:
+        return
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise Refused(403, "bad timestamp")
+    if abs((time.time() if now is None else now) - int(timestamp)) > tolerance:
+        raise Refused(403, "stale timestamp")
+
+
+async def read_body(request: web.Request, cap: int) -> bytes:
+    """The body, at most ``cap`` bytes; a longer one is refused (413) without reading it all."""
+    if request.content_length is not None and request.content_length > cap:
+        raise Refused(413, "body too large")
+    buf = bytearray()
+    try:
+        while True:
+            chunk = await request.content.read(cap + 1 - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > cap:
+                raise Refused(413, "body too large")
+    except HttpProcessingError:
+        raise Refused(400, "unreadable body") from None
+    return bytes(buf)
+
+
+# -- payloads ---------------------------------------------------------------------------------------
+
+
+def _element(el: ET.Element, depth: int) -> Any:
+    if len(el) == 0:
+        return el.text or ""
+    if depth >= _MAX_XML_DEPTH:
+        raise Refused(400, "XML nested too deeply")
+    out: dict[str, Any] = {}
+    for child in el:
+        value = _element(child, depth + 1)
+        if child.tag in out:
+            prev = out[child.tag]
+            if isinstance(prev, list):
+                prev.append(value)
+            else:
+                out[child.tag] = [prev, value]
+        else:
+            out[child.tag] = value
+    return out
+
+
+def parse_xml(data: bytes, what: str) -> dict[str, Any]:
+    """``<xml>…</xml>`` as a dict (leaf text, nested dicts, lists for repeated tags).
+
+    defusedxml with no DTD, no entities, no external references; any failure is a 400.
+    """
+    try:
+        root = DefusedET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException:
+        raise Refused(400, f"{what}: DTD or entity refused") from None
+    except (ET.ParseError, ValueError, LookupError, RecursionError):
+        raise Refused(400, f"{what}: malformed XML") from None
+    if root.tag != "xml":
+        raise Refused(400, f"{what}: root element is not <xml>")
+    value = _element(root, 0)
+    return value if isinstance(value, dict) else {}
+
+
+def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = msgspec.json.decode(data)
+    except (ValueError, RecursionError):  # msgspec.DecodeError, UnicodeDecodeError
+        raise Refused(400, f"{what}: malformed JSON") from None
+    if not isinstance(value, dict):
+        raise Refused(400, f"{what}: not a JSON object")
+    return value
+
+
+def field(d: Mapping[str, Any], key: str) -> str:
+    """A leaf field as a string ("" when missing or not a leaf)."""
+    v = d.get(key)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return ""
+    if isinstance(v, int | float):
+        return str(v)
+    return ""
+
+
+def seconds(value: str) -> float | None:
+    v = value.strip()
+    return float(v) if v.isascii() and v.isdigit() and len(v) <= 12 else None
+
+
+# -- XML messages (WeCom app, Official Account) -----------------------------------------------------
+
+
+def xml_message(
+    source: str, msg: dict[str, Any], conversation: Conversation, meta: dict[str, str]
+) -> tuple[Envelope, str]:
+    """A decrypted WeCom-app / Official-Account message as an envelope, and its dedupe key.
+
+    Dedupe: ``MsgId`` (``MsgID`` in some OA events); events without one on
+    FromUserName+CreateTime+Event+EventKey (the key tells two menu clicks in one second apart);
+    anything else on the whole payload.
+    """
+    msg_type = field(msg, "MsgType")
+    from_user = field(msg, "FromUserName")
+    msg_id = (field(msg, "MsgId") or field(msg, "MsgID")).strip()
+    created = seconds(field(msg, "CreateTime"))
+    text = ""
+    attachments: list[Attachment] = []
+    kind = "message"
+    event: str | None = None
+    meta = {**meta, "msg_type": msg_type}
+    if msg_id:
+        meta["msg_id"] = msg_id
+    if msg_type == "text":
+        text = field(msg, "Content")
+    elif msg_type == "image":
+        attachments.append(
+            Attachment("image", url=field(msg, "PicUrl") or None, media_id=field(msg, "MediaId") or None)
+        )
+    elif msg_type == "voice":
+        text = field(msg, "Recognition")  # OA speech recognition, when switched on
+        attachments.append(
+            Attachment("voice", media_id=field(msg, "MediaId") or None, extra=_extra(msg, Format="format"))
+        )
+    elif msg_type in ("video", "shortvideo"):
+        attachments.append(
+            Attachment(
+                "video",
+                media_id=field(msg, "MediaId") or None,
+                extra=_extra(msg, ThumbMediaId="thumb_media_id"),
+            )
+        )
+    elif msg_type == "location":
+        attachments.append(
+            Attachment(
+                "location",
+                title=field(msg, "Label") or None,
+                extra=_extra(msg, Location_X="latitude", Location_Y="longitude", Scale="scale"),
+            )
+        )
+    elif msg_type == "link":
+        attachments.append(
+            Attachment(
+                "link",
+                url=field(msg, "Url") or None,
+                title=field(msg, "Title") or None,
+                description=field(msg, "Description") or None,
+                extra=_extra(msg, PicUrl="pic_url"),
+            )
+        )
+    elif msg_type == "file":
+        attachments.append(
+            Attachment("file", media_id=field(msg, "MediaId") or None, name=field(msg, "Title") or None)
+        )
+    elif msg_type == "event":
+        kind = "event"
+        event = field(msg, "Event")
+        if field(msg, "EventKey"):
+            meta["event_key"] = field(msg, "EventKey")
+    else:
+        attachments.append(Attachment("other", extra={"msg_type": msg_type}))
+    if msg_id:
+        key = stable_id(source, "msg", msg_id)
+    elif kind == "event":
+        key = stable_id(
+            source, "event", from_user, field(msg, "CreateTime"), event or "", field(msg, "EventKey")
+        )
+    else:
+        key = stable_id(source, "payload", msgspec.json.encode(msg).decode())
+    env = make_envelope(
+        source,
+        conversation,
+        text,
+        id=key,
+        kind=kind,
+        sender=Sender(from_user),
+        attachments=attachments,
+        event=event,
+        meta=meta,
+        raw=msg,
+        **({"created_at": created} if created is not None else {}),
+    )
+    return env, key
+
+
+def _extra(msg: Mapping[str, Any], **names: str) -> dict[str, Any]:
+    return {out: field(msg, k) for k, out in names.items() if field(msg, k)}
+
+
+def require_fields(msg: Mapping[str, Any], *names: str) -> None:
+    for n in names:
+        if not field(msg, n).strip():
+            raise Refused(400, f"payload has no {n}")
+
+
+# -- the base class ----------------------------------------------------------------------------------
+
+
+class WeChatInbound(Source):
+    """GET and POST on ``path``; subclasses implement :meth:`verify_url` and :meth:`accept`."""
+
+    #: the config type, used in log lines
+    type_name: ClassVar[str] = "wechat"
+    options: InboundOptions
+
+    def routes(self) -> Sequence[HttpRoute]:
+        return [
+            HttpRoute("GET", self.options.path, self._get),
+            HttpRoute("POST", self.options.path, self._post),
+        ]
+
+    def crypt(self, receive_id: str, key: Secret) -> WXBizMsgCrypt:
+        return WXBizMsgCrypt(self.options.token.reveal(), key.reveal(), receive_id)
+
+    async def verify_url(self, query: dict[str, str]) -> bytes:
+        """The bare plaintext to answer a GET URL verification with."""
+        raise NotImplementedError
+
+    async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
+        """Handle a POST: read, verify, decrypt, parse, publish, answer."""
+        raise NotImplementedError
+
+    async def _get(self, request: web.Request) -> web.Response:
+        try:
+            body = await self.verify_url(parse_query(request))
+        except Refused as e:
+            return self.refuse(request, e)
+        except CryptoError as e:
+            return self.refuse(request, crypto_refusal(e))
+        self.log.info("wechat.url_verified", type=self.type_name)
+        return web.Response(body=body, content_type="text/plain", headers=_NOSNIFF)
+
+    async def _post(self, request: web.Request) -> web.Response:
+        try:
+            return await self.accept(request, parse_query(request))
+        except Refused as e:
+            return self.refuse(request, e)
+        except CryptoError as e:
+            return self.refuse(request, crypto_refusal(e))
+
+    def refuse(self, request: web.Request, e: Refused) -> web.Response:
+        self.log.warning(
+            "wechat.refused",
+            type=self.type_name,
+            method=request.method,
+            status=e.status,
+            reason=e.reason,
+            remote=request.remote,
+        )
+        return web.Response(status=e.status, text=e.reason, headers=_NOSNIFF)
+
+    async def publish(self, env: Envelope, key: str) -> bool:
+        """Store the envelope (dedupe on ``key``, one round trip); False for a platform retry."""
+        stored = await self.ctx.publish(env, dedupe_key=key, dedupe_ttl=self.options.dedupe_ttl)
+        self.log.info(
+            "wechat.accepted",
+            type=self.type_name,
+            envelope=env.id,
+            kind=env.kind,
+            msg_type=env.meta.get("msg_type"),
+            duplicate=not stored,
+        )
+        return stored
+
+    def fresh(self, timestamp: str) -> None:
+        check_timestamp(timestamp, self.options.timestamp_tolerance)
+
+
+_NOSNIFF = {"X-Content-Type-Options": "nosniff"}

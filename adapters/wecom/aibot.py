@@ -1,0 +1,283 @@
+"""``wecom_aibot``: a WeCom AI bot (智能机器人) in API mode (JSON, encrypted, receive id = "").
+
+GET ``?msg_signature&timestamp&nonce&echostr``: the decrypted echostr, bare (as for the app).
+POST ``{"encrypt": "…"}``; after decryption one of:
+
+* a **message** (text, image, mixed, voice, file): published, then answered with an encrypted stream
+  reply ``{"msgtype":"stream","stream":{"id":…,"finish":false,"content":…}}``. The stream id is the
+  envelope id (deterministic from ``msgid``, so a retried callback gets the same stream);
+* a **stream refresh** (``msgtype = stream``): nothing published; answered with the reply so far,
+  read from the draft the core keeps in Redis (``ctx.get_draft``), ``finish=true`` once the
+  ``wecom_aibot`` sink has set the final answer (see adapters/wecom/aibot_sink.py);
+* an **event** (enter_chat, template_card_event, feedback_event, …): published, answered empty.
+
+Per message the source keeps a small hash under ``state_key("wecom_aibot", <envelope id>)``: the
+arrival time, the end of the stream window, the response_url. The sink reads it, since a reply
+delivery carries the origin's id but not its meta. ``final_by`` in that hash says who delivers the
+final answer (``stream`` or ``response_url``); it is set once (HSETNX), so the answer is shown once.
+
+Config::
+
+    [[inbound]]
+    name = "aibot"
+    type = "wecom_aibot"
+    path = "/wecom/aibot"
+    token = "${AIBOT_TOKEN}"
+    encoding_aes_key = "${AIBOT_AES_KEY}"
+    reply_via = "aibot_reply"       # an outbound of type wecom_aibot
+    # stream = true                 # answer with a stream (false: empty answer; replies use response_url)
+    # stream_window = 330           # seconds an answer may still go into the stream (WeCom polls ≤ 360)
+    # timestamp_tolerance = 300     # seconds, 0 = off
+    # dedupe_ttl = 86400
+    # max_body = 65536
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from adapters.wechat_crypto import WXBizMsgCrypt
+from adapters.wechat_inbound import (
+    InboundOptions,
+    Refused,
+    WeChatInbound,
+    check_aes_key,
+    field,
+    parse_json_object,
+    read_body,
+    required,
+)
+from adapters.wecom.app_callback import signature_param
+from bridge.adapter import Context
+from bridge.config import Secret
+from bridge.envelope import Attachment, Conversation, Envelope, Sender, make_envelope, stable_id
+
+#: stream content and response_url markdown are each at most this many UTF-8 bytes
+CONTENT_MAX_BYTES = 20_480
+#: WeCom keeps polling a stream for at most this long
+STREAM_MAX_WINDOW = 360
+#: a response_url may be used once within this many seconds of the message
+RESPONSE_URL_TTL = 3600
+#: how long the per-message state lives
+STATE_TTL = 7200
+STATE_ADAPTER = "wecom_aibot"
+
+_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_STREAM_ID_MAX = 128
+
+
+class WeComAIBotOptions(InboundOptions, forbid_unknown_fields=True, kw_only=True):
+    encoding_aes_key: Secret
+    #: answer messages with a stream reply and serve WeCom's stream refreshes from the drafts
+    stream: bool = True
+    #: seconds after a message during which its answer still goes into the stream
+    stream_window: int = 330
+
+    def check(self) -> None:
+        super().check()
+        check_aes_key(self.encoding_aes_key)
+        if not 1 <= self.stream_window <= STREAM_MAX_WINDOW:
+            raise ValueError(f"stream_window: must be between 1 and {STREAM_MAX_WINDOW} seconds")
+
+
+class _Outer(msgspec.Struct):
+    encrypt: str
+
+
+_outer = msgspec.json.Decoder(_Outer)
+
+
+def fit(text: str, limit: int = CONTENT_MAX_BYTES) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes, never inside a code point."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+def _obj(d: dict[str, Any], key: str) -> dict[str, Any]:
+    v = d.get(key)
+    return v if isinstance(v, dict) else {}
+
+
+def _content(item: dict[str, Any], nested: bool = False) -> tuple[str, list[Attachment]]:
+    """Text and attachments of one message item (the message itself, a mixed item, a quote)."""
+    t = field(item, "msgtype")
+    body = _obj(item, t) if t else {}
+    if t in ("text", "voice"):  # voice arrives already as text
+        return field(body, "content"), []
+    if t in ("image", "file"):
+        url = field(body, "url") or None
+        # the file behind the URL is AES-encrypted with the callback's key (doc 100719); 5 min valid
+        return "", [Attachment("image" if t == "image" else "file", url=url, extra={"encrypted": True})]
+    if t == "mixed" and not nested:  # a mixed item is never itself mixed
+        texts: list[str] = []
+        atts: list[Attachment] = []
+        items = body.get("msg_item")
+        for it in items if isinstance(items, list) else []:
+            if isinstance(it, dict):
+                txt, a = _content(it, nested=True)
+                if txt:
+                    texts.append(txt)
+                atts += a
+        return "\n".join(texts), atts
+    return "", [Attachment("other", extra={"msg_type": t})] if t else []
+
+
+def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Envelope, str]:
+    """A decrypted AI-bot callback (not a stream refresh) as an envelope, and its dedupe key."""
+    msg_type = field(msg, "msgtype")
+    msg_id = field(msg, "msgid")
+    user = field(_obj(msg, "from"), "userid")
+    chat_id = field(msg, "chatid")
+    chat_type = field(msg, "chattype")
+    if chat_type == "group" and chat_id:
+        conv = Conversation(chat_id, "group")
+    elif user:
+        conv = Conversation(user, "direct")
+    else:
+        raise Refused(400, "payload has no from.userid")
+    key = (
+        stable_id(source, "msg", msg_id)
+        if msg_id
+        else stable_id(source, "payload", msgspec.json.encode(msg).decode())
+    )
+    meta = {"msg_type": msg_type, "chat_type": chat_type}
+    for k, v in (
+        ("msg_id", msg_id),
+        ("aibot_id", field(msg, "aibotid")),
+        ("response_url", field(msg, "response_url")),
+    ):
+        if v:
+            meta[k] = v
+    kind = "event" if msg_type == "event" else "message"
+    event = field(_obj(msg, "event"), "eventtype") if kind == "event" else None
+    text, attachments = ("", []) if kind == "event" else _content(msg)
+    quote = _obj(msg, "quote")
+    if quote:
+        meta["quote_msg_type"] = field(quote, "msgtype")
+        qtext, _ = _content(quote)
+        if qtext:
+            meta["quote_text"] = qtext
+    if stream and kind == "message":
+        meta["stream_id"] = key
+    created = msg.get("create_time")
+    aibot_id = field(msg, "aibotid")
+    env = make_envelope(
+        source,
+        conv,
+        text,
+        id=key,
+        kind=kind,
+        sender=Sender(user) if user else None,
+        # group messages reach the bot only when it is @-mentioned; a single chat is addressed to it
+        mentions=[aibot_id] if conv.kind == "group" and aibot_id and kind == "message" else [],
+        mentions_me=kind == "message",
+        attachments=attachments,
+        event=event,
+        meta=meta,
+        raw=msg,
+        **(
+            {"created_at": float(created)}
+            if isinstance(created, int) and not isinstance(created, bool)
+            else {}
+        ),
+    )
+    return env, key
+
+
+class WeComAIBotSource(WeChatInbound):
+    Options = WeComAIBotOptions
+    options: WeComAIBotOptions
+    type_name = "wecom_aibot"
+
+    def __init__(self, name: str, options: WeComAIBotOptions, ctx: Context) -> None:
+        super().__init__(name, options, ctx)
+        self._crypt: WXBizMsgCrypt = self.crypt("", options.encoding_aes_key)
+
+    async def verify_url(self, query: dict[str, str]) -> bytes:
+        sig = signature_param(query)
+        ts, nonce = required(query, "timestamp", "nonce")
+        if not sig:
+            raise Refused(403, "missing msg_signature")
+        self.fresh(ts)
+        (echostr,) = required(query, "echostr", status=400)
+        return self._crypt.verify_url(sig, ts, nonce, echostr)
+
+    async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
+        sig = signature_param(query)
+        ts, nonce = required(query, "timestamp", "nonce")
+        if not sig:
+            raise Refused(403, "missing msg_signature")
+        if not _NONCE_RE.fullmatch(nonce):
+            raise Refused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
+        self.fresh(ts)
+        body = await read_body(request, self.options.max_body)
+        try:
+            encrypt = _outer.decode(body).encrypt
+        except (ValueError, RecursionError):  # msgspec.DecodeError/ValidationError, UnicodeDecodeError
+            raise Refused(400, "body: malformed JSON or no encrypt") from None
+        if not encrypt:
+            raise Refused(400, "body has no encrypt")
+        msg = parse_json_object(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
+        msg_type = field(msg, "msgtype")
+        if not msg_type:
+            raise Refused(400, "payload has no msgtype")
+        if msg_type == "stream":
+            stream_id = field(_obj(msg, "stream"), "id")
+            if not stream_id or len(stream_id) > _STREAM_ID_MAX:
+                raise Refused(400, "stream refresh without a stream id")
+            return self._reply(await self.stream_state(stream_id), nonce)
+        env, key = aibot_envelope(self.name, msg, self.options.stream)
+        await self._remember(env)
+        await self.publish(env, key)
+        if env.kind == "message" and self.options.stream:
+            return self._reply(await self.stream_state(env.id), nonce)
+        return web.Response(status=200, body=b"", content_type="text/plain")
+
+    async def _remember(self, env: Envelope) -> None:
+        """Keep what the sink needs later: arrival time, stream deadline, response_url.
+
+        Written before the publish and idempotent (HSETNX), so a retried callback keeps the first
+        arrival time; if Redis fails here nothing is published and the caller gets 503.
+        """
+        now = time.time()
+        key = self.ctx.state_key(STATE_ADAPTER, env.id)
+        streamed = env.kind == "message" and self.options.stream
+        pipe: Any = self.ctx.redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "t", f"{now:.3f}")
+        pipe.hsetnx(key, "deadline", f"{now + self.options.stream_window:.3f}" if streamed else "0")
+        if env.meta.get("response_url"):
+            pipe.hsetnx(key, "response_url", env.meta["response_url"])
+        pipe.expire(key, STATE_TTL)
+        await pipe.execute()
+
+    async def stream_state(self, stream_id: str) -> tuple[str, bool, str]:
+        """(content, finish, stream id) to show for a stream now."""
+        key = self.ctx.state_key(STATE_ADAPTER, stream_id)
+        state = await self.ctx.redis.hgetall(key)
+        if not state:  # not a stream of ours (or long gone): tell WeCom to stop polling
+            return "", True, stream_id
+        draft = await self.ctx.get_draft(stream_id)
+        text, final = draft if draft is not None else ("", False)
+        owner = state.get(b"final_by")
+        if final and owner is None:
+            if await self.ctx.redis.hsetnx(key, "final_by", "stream"):
+                owner = b"stream"
+                self.log.info("wecom_aibot.stream_final", envelope=stream_id)
+            else:
+                owner = await self.ctx.redis.hget(key, "final_by")
+        if owner == b"response_url":  # the answer went (or goes) to response_url: end the stream
+            return ("" if final else fit(text)), True, stream_id
+        return fit(text), final, stream_id
+
+    def _reply(self, state: tuple[str, bool, str], nonce: str) -> web.Response:
+        content, finish, stream_id = state
+        body = {"msgtype": "stream", "stream": {"id": stream_id, "finish": finish, "content": content}}
+        reply = self._crypt.reply_json(msgspec.json.encode(body), str(int(time.time())), nonce)
+        return web.Response(status=200, body=reply, content_type="text/plain")

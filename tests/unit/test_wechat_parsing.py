@@ -1,0 +1,300 @@
+"""Units of the WeChat inbound handlers: query decoding, timestamps, XML/JSON parsing, normalization
+to envelopes, options checks. The handlers themselves are tested through HTTP in
+tests/integration/test_wechat_inbound*.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from adapters.simulate import _xml
+from adapters.wechat_inbound import (
+    Refused,
+    check_timestamp,
+    field,
+    parse_json_object,
+    parse_query,
+    parse_xml,
+    xml_message,
+)
+from adapters.wecom.aibot import aibot_envelope, fit
+from bridge.adapter import Registry
+from bridge.config import Config, ConfigError
+from bridge.envelope import Attachment, Conversation, stable_id
+
+KEY = "d2VjaGF0LWJyaWRnZSB0ZXN0IGtleSAzMiBieXRlcyE"
+
+
+def q(query: str) -> dict[str, str]:
+    return parse_query(make_mocked_request("GET", f"/p?{query}"))
+
+
+def refused(fn: Callable[[], Any]) -> tuple[int, str]:
+    with pytest.raises(Refused) as e:
+        fn()
+    return e.value.status, e.value.reason
+
+
+# -- query -------------------------------------------------------------------------------------
+
+
+def test_query_is_decoded_once_and_plus_stays_plus() -> None:
+    assert q("echostr=a+b%2Bc%2F%3D&nonce=1") == {"echostr": "a+b+c/=", "nonce": "1"}
+    assert q("x=%252B") == {"x": "%2B"}  # once, not twice
+    assert q("a=%E4%BD%A0&&flag&b=") == {"a": "你", "flag": "", "b": ""}
+    assert q("") == {}
+
+
+def test_query_refusals() -> None:
+    assert refused(lambda: q("timestamp=1&timestamp=2")) == (400, "query parameter 'timestamp' is repeated")
+    assert refused(lambda: q("echostr=%FF")) == (400, "query is not UTF-8")
+
+
+def test_timestamp_tolerance() -> None:
+    check_timestamp("anything", 0)  # off
+    check_timestamp("1000", 300, now=1300)
+    check_timestamp("1600", 300, now=1300)
+    assert refused(lambda: check_timestamp("999", 300, now=1300)) == (403, "stale timestamp")
+    assert refused(lambda: check_timestamp("1601", 300, now=1300)) == (403, "stale timestamp")
+    for bad in ("", "12a", "-5", "１２３", "1" * 13):
+        assert refused(partial(check_timestamp, bad, 300)) == (403, "bad timestamp")
+
+
+# -- XML / JSON ----------------------------------------------------------------------------------
+
+
+def test_parse_xml_keeps_text_exactly_and_nests() -> None:
+    doc = (
+        b"<xml>\n<Content><![CDATA[  two  spaces ]]]]><![CDATA[> <b> ]]></Content>\n<Plain>\xe4\xbd\xa0</Plain>"
+        b"<SendPicsInfo><Count>2</Count><PicList><item><PicMd5Sum>a</PicMd5Sum></item>"
+        b"<item><PicMd5Sum>b</PicMd5Sum></item></PicList></SendPicsInfo><Empty/></xml>"
+    )
+    assert parse_xml(doc, "m") == {
+        "Content": "  two  spaces ]]> <b> ",
+        "Plain": "你",
+        "SendPicsInfo": {"Count": "2", "PicList": {"item": [{"PicMd5Sum": "a"}, {"PicMd5Sum": "b"}]}},
+        "Empty": "",
+    }
+
+
+@pytest.mark.parametrize(
+    "doc,reason",
+    [
+        (b"", "m: malformed XML"),
+        (b"<xml><a></xml>", "m: malformed XML"),
+        (b'<?xml version="1.0" encoding="bogus"?><xml/>', "m: malformed XML"),
+        (b"<xml>&undefined;</xml>", "m: malformed XML"),
+        (b"<!DOCTYPE xml><xml/>", "m: DTD or entity refused"),
+        (b'<!DOCTYPE xml [<!ENTITY e "x">]><xml>&e;</xml>', "m: DTD or entity refused"),
+        (b'<!DOCTYPE xml [<!ENTITY e SYSTEM "http://x/">]><xml>&e;</xml>', "m: DTD or entity refused"),
+        (b"<other/>", "m: root element is not <xml>"),
+        (b"<xml>" + b"<a>" * 20 + b"</a>" * 20 + b"</xml>", "XML nested too deeply"),
+    ],
+)
+def test_parse_xml_refusals(doc: bytes, reason: str) -> None:
+    assert refused(lambda: parse_xml(doc, "m")) == (400, reason)
+
+
+def test_parse_json_object() -> None:
+    assert parse_json_object(b'{"a": [1, {"b": null}]}', "m") == {"a": [1, {"b": None}]}
+    for bad in (b"", b"[1]", b'"x"', b"{", b'{"a": "\xff"}', b"[" * 100_000, b'{"a": NaN}'):
+        assert refused(partial(parse_json_object, bad, "m"))[0] == 400
+
+
+def test_field_only_gives_leaves() -> None:
+    d = {"s": "x", "i": 5, "f": 1.5, "b": True, "d": {"x": 1}, "l": [1], "n": None}
+    assert [field(d, k) for k in ("s", "i", "f", "b", "d", "l", "n", "missing")] == [
+        "x",
+        "5",
+        "1.5",
+        "",
+        "",
+        "",
+        "",
+        "",
+    ]
+
+
+def test_simulate_xml_round_trips() -> None:
+    assert parse_xml(_xml([("A", "x ]]> y"), ("N", "42"), ("E", "")]), "m") == {
+        "A": "x ]]> y",
+        "N": "42",
+        "E": "",
+    }
+
+
+# -- XML messages → envelopes ----------------------------------------------------------------------
+
+
+def msg(**fields: str) -> dict[str, Any]:
+    return {"ToUserName": "to", "FromUserName": "u", "CreateTime": "1700000000", **fields}
+
+
+def env_of(m: dict[str, Any]) -> Any:
+    env, key = xml_message("src", m, Conversation("u"), {"to": "to"})
+    assert env.id == key
+    return env
+
+
+def test_xml_message_kinds() -> None:
+    e = env_of(msg(MsgType="text", Content="hi", MsgId="1"))
+    assert (e.kind, e.text, e.created_at, e.id) == (
+        "message",
+        "hi",
+        1700000000.0,
+        stable_id("src", "msg", "1"),
+    )
+    assert e.meta == {"to": "to", "msg_type": "text", "msg_id": "1"} and e.raw["Content"] == "hi"
+    assert env_of(msg(MsgType="image", PicUrl="p", MediaId="m", MsgId="2")).attachments == [
+        Attachment("image", url="p", media_id="m")
+    ]
+    v = env_of(msg(MsgType="voice", MediaId="m", Format="amr", Recognition="words", MsgId="3"))
+    assert v.text == "words" and v.attachments == [Attachment("voice", media_id="m", extra={"format": "amr"})]
+    assert env_of(msg(MsgType="file", MediaId="m", Title="a.pdf", MsgId="4")).attachments == [
+        Attachment("file", media_id="m", name="a.pdf")
+    ]
+    odd = env_of(msg(MsgType="miniprogrampage", MsgId="5"))
+    assert odd.attachments == [Attachment("other", extra={"msg_type": "miniprogrampage"})]
+    assert env_of(msg(MsgType="text", Content="", MsgId="6", CreateTime="later")).created_at != 0
+
+
+def test_xml_dedupe_keys() -> None:
+    assert env_of(msg(MsgType="event", Event="TEMPLATESENDJOBFINISH", MsgID="77")).id == stable_id(
+        "src", "msg", "77"
+    )
+    click = env_of(msg(MsgType="event", Event="click", EventKey="k"))
+    assert click.id == stable_id("src", "event", "u", "1700000000", "click", "k")
+    assert click.meta["event_key"] == "k" and click.event == "click" and click.kind == "event"
+    assert env_of(msg(MsgType="event", Event="click", EventKey="other")).id != click.id
+    # no MsgId on a message: the whole payload is the key (a retry repeats it exactly)
+    a = env_of(msg(MsgType="text", Content="x"))
+    assert a.id == env_of(msg(MsgType="text", Content="x")).id != env_of(msg(MsgType="text", Content="y")).id
+
+
+# -- AI bot messages → envelopes -------------------------------------------------------------------
+
+
+def bot(**fields: Any) -> dict[str, Any]:
+    return {"msgid": "M", "aibotid": "B", "from": {"userid": "u"}, **fields}
+
+
+def test_aibot_conversations_and_mentions() -> None:
+    g, key = aibot_envelope(
+        "s", bot(chattype="group", chatid="c", msgtype="text", text={"content": "@B x"}), True
+    )
+    assert key == g.id == stable_id("s", "msg", "M") == g.meta["stream_id"]
+    assert (g.conversation, g.mentions, g.mentions_me, g.text) == (
+        Conversation("c", "group"),
+        ["B"],
+        True,
+        "@B x",
+    )
+    single, _ = aibot_envelope("s", bot(chattype="single", msgtype="text", text={"content": "x"}), False)
+    assert single.conversation == Conversation("u", "direct") and single.mentions == [] and single.mentions_me
+    assert "stream_id" not in single.meta
+    nochat, _ = aibot_envelope("s", bot(chattype="group", msgtype="text", text={"content": "x"}), True)
+    assert nochat.conversation == Conversation("u", "direct")
+    assert refused(lambda: aibot_envelope("s", {"msgtype": "text", "chattype": "single"}, True)) == (
+        400, "payload has no from.userid"
+    )  # fmt: skip
+
+
+def test_aibot_kinds() -> None:
+    def one(**f: Any) -> Any:
+        return aibot_envelope("s", bot(chattype="single", **f), True)[0]
+
+    mixed = one(msgtype="mixed", mixed={"msg_item": [{"msgtype": "text", "text": {"content": "a"}}, "junk", 3,
+                                                      {"msgtype": "image", "image": {"url": "U"}}, {"msgtype": "text"}]})  # fmt: skip
+    assert mixed.text == "a" and mixed.attachments == [
+        Attachment("image", url="U", extra={"encrypted": True})
+    ]
+    assert one(msgtype="mixed", mixed={"msg_item": "nope"}).text == ""
+    assert one(msgtype="voice", voice={"content": "said"}).text == "said"
+    assert one(msgtype="file", file={"url": "F"}).attachments[0].kind == "file"
+    assert one(msgtype="image", image="not a dict").attachments == [
+        Attachment("image", extra={"encrypted": True})
+    ]
+    assert one(msgtype="weird").attachments == [Attachment("other", extra={"msg_type": "weird"})]
+    quoted = one(msgtype="text", text={"content": "x"}, quote={"msgtype": "voice", "voice": {"content": "q"}})
+    assert quoted.meta["quote_msg_type"] == "voice" and quoted.meta["quote_text"] == "q"
+    ev = one(msgtype="event", create_time=1700000001, event={"eventtype": "feedback_event"})
+    assert (ev.kind, ev.event, ev.created_at, ev.mentions_me, "stream_id" in ev.meta) == (
+        "event", "feedback_event", 1700000001.0, False, False
+    )  # fmt: skip
+    assert one(msgtype="event", create_time=True).created_at != 1.0
+    nomsgid, key = aibot_envelope("s", {"msgtype": "text", "from": {"userid": "u"}}, True)
+    assert key == nomsgid.id != stable_id("s", "msg", "")
+
+
+def test_fit_cuts_on_code_points() -> None:
+    assert fit("abc", 3) == "abc"
+    assert fit("你好", 5) == "你"
+    assert fit("a你", 3) == "a"
+    assert len(fit("é" * 20000).encode()) <= 20480
+
+
+# -- options ----------------------------------------------------------------------------------------
+
+
+def check(write_config: Callable[..., Config], body: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        Registry.from_module("adapters").validate(write_config(body))
+    return str(e.value).split(": ", 1)[1]
+
+
+APP = f'[[inbound]]\nname = "a"\ntype = "wecom_app"\npath = "/a"\ntoken = "t"\nencoding_aes_key = "{KEY}"\n'
+
+
+def test_options_errors_name_the_key(write_config: Callable[..., Config]) -> None:
+    assert check(write_config, APP) == "inbound.a.corp_id: required key is missing"
+    assert check(write_config, APP + 'corp_id = ""') == "inbound.a.corp_id: must not be empty"
+    assert (
+        check(write_config, APP.replace('"/a"', '"a"') + 'corp_id = "c"')
+        == "inbound.a.path: must start with '/'"
+    )
+    bad_key = APP.replace(KEY, "short") + 'corp_id = "c"'
+    assert check(write_config, bad_key) == (
+        "inbound.a.encoding_aes_key: must be the 43-character EncodingAESKey from the console"
+    )
+    assert "short" not in check(write_config, bad_key)
+    assert check(write_config, APP + 'corp_id = "c"\nmax_body = 10') == (
+        "inbound.a.max_body: must be between 1024 and 16777216 bytes"
+    )
+    assert check(write_config, APP + 'corp_id = "c"\ntimestamp_tolerance = -1').startswith(
+        "inbound.a.timestamp_tolerance"
+    )
+    assert check(write_config, APP + 'corp_id = "c"\nsecret = "x"') == "inbound.a.secret: unknown key"
+    bot = APP.replace("wecom_app", "wecom_aibot")
+    assert (
+        check(write_config, bot + "stream_window = 361")
+        == "inbound.a.stream_window: must be between 1 and 360 seconds"
+    )
+    oa = APP.replace("wecom_app", "wechat_oa")
+    assert (
+        check(write_config, oa)
+        == "inbound.a.app_id: required with encoding_aes_key (the receive id of safe mode)"
+    )
+    plain = '[[inbound]]\nname = "a"\ntype = "wechat_oa"\npath = "/a"\ntoken = "t"\nallow_plaintext = true\n'
+    assert check(write_config, plain).startswith("inbound.a.allow_plaintext")
+    sink = '[[outbound]]\nname = "o"\ntype = "wecom_aibot"\npoll_interval = 0\n'
+    assert check(write_config, sink) == "outbound.o.poll_interval: must be between 0.01 and 5 seconds"
+
+
+def test_valid_options_with_defaults(write_config: Callable[..., Config]) -> None:
+    body = APP + 'corp_id = "c"\n' + (
+        '[[inbound]]\nname = "b"\ntype = "wechat_oa"\npath = "/b"\ntoken = "t"\n'
+        f'[[inbound]]\nname = "c"\ntype = "wecom_aibot"\npath = "/c"\ntoken = "t"\nencoding_aes_key = "{KEY}"\n'
+        '[[outbound]]\nname = "o"\ntype = "wecom_aibot"\n'
+    )  # fmt: skip
+    opts = Registry.from_module("adapters").validate(write_config(body))
+    a, b, c = opts["a"], opts["b"], opts["c"]
+    assert (a.timestamp_tolerance, a.dedupe_ttl, a.max_body) == (300, 86400, 65536)
+    assert b.encoding_aes_key is None and b.app_id == "" and not b.allow_plaintext
+    assert (c.stream, c.stream_window) == (True, 330)
+    assert (opts["o"].timeout, opts["o"].poll_interval) == (10.0, 0.2)
+    assert "d2VjaGF0" not in repr(a) and "d2VjaGF0" not in str(msgspec.to_builtins(a, enc_hook=str))
