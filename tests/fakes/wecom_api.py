@@ -203,7 +203,20 @@ class _Reject(Exception):
 
 
 class FakeWeComAPI:
-    """An aiohttp server imitating the WeCom and Official Account APIs on 127.0.0.1."""
+    """An aiohttp server imitating the WeCom and Official Account APIs on 127.0.0.1.
+
+    Behaviour worth knowing when writing sink tests:
+    - WeCom gettoken returns the same token while it is valid; `invalidate_tokens()` or the clock
+      (`advance`, `token_ttl`) make tokens fail with 42001, an unknown token gives 40014, a missing
+      one 41001. OA tokens: a new one supersedes the old, which lives on 5 min and then gives 40001;
+      an unknown OA token also gives 40001 (not 40014).
+    - message/send truncates text over 2048 bytes and still answers 0 (`Delivered.truncated`);
+      duplicates (enable_duplicate_check) and the per-member limits (30/min message/send, 200/min
+      appchat) answer 0 too but land in `dropped`, not in `delivered`.
+    - The webhook bot allows `webhook_per_minute` (20) messages a minute per key, then 45009.
+    - `fail_next()` injects errcodes, HTTP errors and delays; `ip_not_trusted` makes every WeCom
+      app API call (not gettoken, not the webhook) answer 60020.
+    """
 
     def __init__(
         self,
@@ -301,6 +314,7 @@ class FakeWeComAPI:
 
     def add_user(self, userid: str) -> None:
         self.users.add(userid.lower())
+        self.parties["1"].add(userid.lower())
 
     def add_openid(self, openid: str) -> None:
         self.openids.add(openid)
