@@ -212,7 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, fn: Callable[[argparse.Namespace, Config], int], help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
-        sp.add_argument("--config", default=argparse.SUPPRESS, help="config file")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -271,9 +270,27 @@ def _broken(ref: str, err: ImportError) -> Callable[[argparse.Namespace, Config]
     return run
 
 
+def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--config F`` is accepted anywhere on the line, nested sub-commands included."""
+    rest: list[str] = []
+    found: str | None = None
+    it = iter(argv)
+    for a in it:
+        if a == "--config":
+            found = next(it, None)
+            if found is None:
+                raise SystemExit("error: --config needs a file")
+        elif a.startswith("--config="):
+            found = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return found, rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    path = args.config or _default_config()
+    config, rest = _take_config(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(rest)
+    path = config or _default_config()
     try:
         cfg = load(path)
         blog.setup(cfg.bridge.log_level, cfg.bridge.log_format)
