@@ -212,25 +212,20 @@ class Registry:
     def validate(self, config: Config) -> dict[str, Any]:
         """Every adapter's options, typed; raises ConfigError naming the key."""
         out: dict[str, Any] = {}
-        for i in config.inbound:
-            where = f"inbound.{i.name}"
-            cls = self.source(i.type, where, config.path)
-            out[i.name] = convert(i.options, cls.Options, where, config.path)
-        for o in config.outbound:
-            where = f"outbound.{o.name}"
-            scls = self.sink(o.type, where, config.path)
-            out[o.name] = convert(o.options, scls.Options, where, config.path)
-            check = getattr(out[o.name], "check", None)
+        entries: list[tuple[str, str, dict[str, Any], type[Adapter]]] = [
+            (f"outbound.{o.name}", o.name, o.options, self.sink(o.type, f"outbound.{o.name}", config.path))
+            for o in config.outbound
+        ]
+        entries += [
+            (f"inbound.{i.name}", i.name, i.options, self.source(i.type, f"inbound.{i.name}", config.path))
+            for i in config.inbound
+        ]
+        for where, name, raw, cls in entries:
+            out[name] = convert(raw, cls.Options, where, config.path)
+            check = getattr(out[name], "check", None)
             if callable(check):
                 try:
                     check()
-                except ValueError as e:
+                except ValueError as e:  # "key: what is wrong"
                     raise ConfigError(f"{config.path}: {where}.{e}") from None
-        for i in config.inbound:
-            check = getattr(out[i.name], "check", None)
-            if callable(check):
-                try:
-                    check()
-                except ValueError as e:
-                    raise ConfigError(f"{config.path}: inbound.{i.name}.{e}") from None
         return out

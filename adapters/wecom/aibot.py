@@ -45,14 +45,12 @@ from adapters.wechat_crypto import WXBizMsgCrypt
 from adapters.wechat_inbound import (
     InboundOptions,
     Refused,
-    WeChatInbound,
     check_aes_key,
     field,
     parse_json_object,
     read_body,
-    required,
 )
-from adapters.wecom.app_callback import signature_param
+from adapters.wecom.app_callback import WeComSigned
 from bridge.adapter import Context
 from bridge.config import Secret
 from bridge.envelope import Attachment, Conversation, Envelope, Sender, make_envelope, stable_id
@@ -191,7 +189,7 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     return env, key
 
 
-class WeComAIBotSource(WeChatInbound):
+class WeComAIBotSource(WeComSigned):
     Options = WeComAIBotOptions
     options: WeComAIBotOptions
     type_name = "wecom_aibot"
@@ -200,23 +198,10 @@ class WeComAIBotSource(WeChatInbound):
         super().__init__(name, options, ctx)
         self._crypt: WXBizMsgCrypt = self.crypt("", options.encoding_aes_key)
 
-    async def verify_url(self, query: dict[str, str]) -> bytes:
-        sig = signature_param(query)
-        ts, nonce = required(query, "timestamp", "nonce")
-        if not sig:
-            raise Refused(403, "missing msg_signature")
-        self.fresh(ts)
-        (echostr,) = required(query, "echostr", status=400)
-        return self._crypt.verify_url(sig, ts, nonce, echostr)
-
     async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
-        sig = signature_param(query)
-        ts, nonce = required(query, "timestamp", "nonce")
-        if not sig:
-            raise Refused(403, "missing msg_signature")
+        sig, ts, nonce = self.signed_query(query)
         if not _NONCE_RE.fullmatch(nonce):
             raise Refused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
-        self.fresh(ts)
         body = await read_body(request, self.options.max_body)
         try:
             encrypt = _outer.decode(body).encrypt

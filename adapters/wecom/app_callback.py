@@ -58,7 +58,27 @@ def signature_param(query: dict[str, str]) -> str:
     return query.get("msg_signature") or query.get("msgsignature", "")
 
 
-class WeComAppSource(WeChatInbound):
+class WeComSigned(WeChatInbound):
+    """WeCom's msg_signature scheme and URL check, shared by the app callback and the AI bot."""
+
+    _crypt: WXBizMsgCrypt
+
+    def signed_query(self, query: dict[str, str]) -> tuple[str, str, str]:
+        """(signature, timestamp, nonce), present and fresh, or a refusal."""
+        sig = signature_param(query)
+        ts, nonce = required(query, "timestamp", "nonce")
+        if not sig:
+            raise Refused(403, "missing msg_signature")
+        self.fresh(ts)
+        return sig, ts, nonce
+
+    async def verify_url(self, query: dict[str, str]) -> bytes:
+        sig, ts, nonce = self.signed_query(query)
+        (echostr,) = required(query, "echostr", status=400)
+        return self._crypt.verify_url(sig, ts, nonce, echostr)
+
+
+class WeComAppSource(WeComSigned):
     Options = WeComAppOptions
     options: WeComAppOptions
     type_name = "wecom_app"
@@ -67,21 +87,8 @@ class WeComAppSource(WeChatInbound):
         super().__init__(name, options, ctx)
         self._crypt: WXBizMsgCrypt = self.crypt(options.corp_id, options.encoding_aes_key)
 
-    async def verify_url(self, query: dict[str, str]) -> bytes:
-        sig = signature_param(query)
-        ts, nonce = required(query, "timestamp", "nonce")
-        if not sig:
-            raise Refused(403, "missing msg_signature")
-        self.fresh(ts)
-        (echostr,) = required(query, "echostr", status=400)
-        return self._crypt.verify_url(sig, ts, nonce, echostr)
-
     async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
-        sig = signature_param(query)
-        ts, nonce = required(query, "timestamp", "nonce")
-        if not sig:
-            raise Refused(403, "missing msg_signature")
-        self.fresh(ts)
+        sig, ts, nonce = self.signed_query(query)
         outer = parse_xml(await read_body(request, self.options.max_body), "body")
         encrypt = field(outer, "Encrypt")
         if not encrypt:
