@@ -19,6 +19,7 @@ SINKS: dict[str, str] = {
     "wecom_app": "adapters.wecom.app_sink:WeComAppSink",
     "wecom_webhook": "adapters.wecom.webhook_sink:WeComWebhookSink",
     "wechat_oa": "adapters.official_account.customer_service:WeChatOASink",
+    "openclaw": "adapters.openclaw.sink:OpenClawSink",
 }
 
 #: sub-commands of ``wechat-bridge`` the adapters contribute: name → module with configure() and run()
