@@ -41,10 +41,10 @@ def _bus(cfg: Config, r: Any) -> Bus:
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    from bridge.daemon import Daemon
+    from bridge.daemon import Daemon, run_loop
 
     daemon = Daemon(cfg, Registry.from_module(args.adapters))
-    asyncio.run(daemon.run_until_stopped())
+    run_loop(daemon.run_until_stopped())
     return 0
 
 

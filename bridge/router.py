@@ -9,8 +9,8 @@ envelope by routes whose ``from`` names the replying sink.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Any
 
 from bridge import logging as blog
 from bridge.bus import ROUTER_GROUP, Bus
@@ -71,8 +71,10 @@ def plan(config: Config, env: Envelope) -> list[Delivery]:
 class Router:
     """Consumes the inbound stream (group ``router``) and writes deliveries to the out streams.
 
-    A batch is read, planned, written and acked in one pipeline; a crash before the ack means the
-    batch is routed again, and the runner's idempotency marker keeps that from sending twice.
+    One round trip a cycle: the deliveries of the batch just routed (one Lua call per sink, in order),
+    the XACK of the batch before it (whose deliveries Redis confirmed) and the next XREADGROUP go in
+    one pipeline. A crash before an ack means that batch is routed again, and the runner's
+    idempotency marker keeps that from sending twice.
     """
 
     def __init__(self, config: Config, bus: Bus, consumer: str, *, batch: int = 256) -> None:
@@ -90,27 +92,47 @@ class Router:
         stream = self.bus.keys.inbound
         await self.bus.ensure_group(stream, ROUTER_GROUP)
         start = "0"  # first our own pending entries (a previous life's), then new ones
-        while not self._stopping.is_set():
-            entries = await self.bus.read_or_stop(
-                self._stopping,
-                stream,
-                ROUTER_GROUP,
-                self.consumer,
-                count=self.batch,
-                block_ms=None if start != ">" else 1000,
-                start=start,
-            )
-            if start != ">":
-                if not entries:
-                    start = ">"
-                    continue
-                start = entries[-1][0]
-            if entries:
-                await self.route(entries)
+        acks: list[str] = []  # their deliveries are written: ack them with the next read
+        routed: list[str] = []  # routed: their deliveries go with the next read
+        out: list[Delivery] = []
+        try:
+            while not self._stopping.is_set():
+                entries = await self.bus.read_or_stop(
+                    self._stopping,
+                    stream,
+                    ROUTER_GROUP,
+                    self.consumer,
+                    count=self.batch,
+                    block_ms=None if start != ">" else 1000,
+                    start=start,
+                    ack=acks,
+                    write=out,
+                )
+                if entries is None:  # stopped mid-read: the writes and acks are written again below
+                    break
+                self.routed += len(out)
+                acks, routed, out = routed, [], []
+                if start != ">":
+                    if not entries:
+                        start = ">"
+                        continue
+                    start = entries[-1][0]
+                if entries:
+                    routed, out = await self.route(entries)
+        finally:  # what fails here is routed again by our next life (and deduped by the markers)
+            with contextlib.suppress(Exception):
+                if out:
+                    await self.bus.add_deliveries(out)
+                    self.routed += len(out)
+                acks += routed
+            with contextlib.suppress(Exception):
+                if acks:
+                    await self.bus.ack(stream, ROUTER_GROUP, acks)
 
-    async def route(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        pipe: Any = self.bus.redis.pipeline(transaction=False)
+    async def route(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> tuple[list[str], list[Delivery]]:
+        """The ids of a batch and the deliveries they make (undecodable entries are dead-lettered)."""
         ids = []
+        out: list[Delivery] = []
         for eid, fields in entries:
             ids.append(eid)
             raw = fields.get(b"e")
@@ -122,13 +144,11 @@ class Router:
                 log.error("route.bad_entry", entry=eid, error=str(e))
                 await self.bus.dead_letter(
                     raw or b"", reason=f"undecodable inbound entry: {e}", origin="inbound",
-                    attempts=0, instance=self.consumer, pipe=pipe,
+                    attempts=0, instance=self.consumer,
                 )  # fmt: skip
                 continue
             deliveries = plan(self.config, env)
-            if not deliveries:
+            if not deliveries and blog.debug_enabled():
                 log.debug("route.unmatched", envelope=env.id, source=env.source)
-            self.bus.deliveries_pipeline(deliveries, pipe)
-            self.routed += len(deliveries)
-        pipe.xack(self.bus.keys.inbound, ROUTER_GROUP, *ids)
-        await pipe.execute()
+            out += deliveries
+        return ids, out

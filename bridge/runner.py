@@ -2,18 +2,21 @@
 
 One runner per sink per instance consumes ``P:{out:<sink>}`` in group ``runner``. For each delivery:
 
-1. **claim** its idempotency marker (one Lua call that also charges the rate limits when it is time
-   to send): ``done:…`` → already sent, ack and skip; held by another live instance → wait;
-2. **send** through the sink, under the sink's concurrency bound;
-3. on success set the marker to ``done:<remote id>`` and ack (batched in a pipeline);
+1. **claim** its idempotency marker: ``done:…`` → already sent, ack and skip; held by another live
+   instance → wait. The read loop claims the markers of a whole batch in one Lua call (which also
+   writes the acks so far); when the sink has a rate, one more call just before each send claims
+   again and charges the rate limits (GCRA), so the rate holds at the moment of sending;
+2. **send** through the sink, on one of ``concurrency`` workers;
+3. on success set the marker to ``done:<remote id>`` and ack — batched: many acks in one Lua call;
    on :class:`RetryableError` back off exponentially with jitter (or the sink's retry-after) *in
    place*, so a conversation keeps its order; on :class:`PermanentError` or after ``max_attempts``
    write a dead letter with the reason, then ack.
 
-Deliveries to one conversation run one after another; different conversations run concurrently.
-A stopped runner stops reading, lets sends in flight finish within a bound, acks, and returns;
-what did not finish stays pending and is taken up again by this instance's next life (it reads its
-own pending entries first) or, after ``claim_idle``, by another instance.
+Deliveries to one conversation run one after another (a conversation's queue is served by one worker
+at a time); different conversations run concurrently. A stopped runner stops reading, lets queued
+and in-flight sends finish within a bound, acks, and returns; what did not finish stays pending and
+is taken up again by this instance's next life (it reads its own pending entries first) or, after
+``claim_idle``, by another instance.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from bridge import logging as blog
@@ -55,20 +59,70 @@ return {'ok', '0'}
 """
 )
 
+# One round trip for a batch of bookkeeping: set done markers, ack entries, claim markers.
+# KEYS[1] the sink's stream, KEYS[2 .. 1+nd] markers to set done, KEYS[2+nd ..] markers to claim.
+# ARGV[1] group, ARGV[2] done ttl s, ARGV[3] nd, ARGV[4] na (ids to ack), ARGV[5] owner,
+# ARGV[6] owner's instance prefix ("inst:"), ARGV[7] claim ttl ms, then nd done values, then na ids.
+# Returns, per marker to claim: 'ok' (now ours), 'busy' (another live instance holds it) or its
+# 'done:<remote id>' value. The claim is _CLAIM's without charging the rates.
+_SYNC = """
+local nd, na = tonumber(ARGV[3]), tonumber(ARGV[4])
+local owner, prefix = ARGV[5], ARGV[6]
+for i = 1, nd do
+  redis.call('SET', KEYS[1 + i], ARGV[7 + i], 'EX', ARGV[2])
+end
+local a = 8 + nd
+local i = 0
+while i < na do
+  local j = math.min(i + 500, na)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, a + i, a + j - 1))
+  i = j
+end
+local out = {}
+for k = 2 + nd, #KEYS do
+  local v = redis.call('GET', KEYS[k])
+  if v and string.sub(v, 1, 5) == 'done:' then
+    out[#out + 1] = v
+  elseif v and v ~= owner and string.sub(v, 1, #prefix) ~= prefix then
+    out[#out + 1] = 'busy'
+  else
+    redis.call('SET', KEYS[k], owner, 'PX', ARGV[7])
+    out[#out + 1] = 'ok'
+  end
+end
+return out
+"""
+
 DONE_TTL = 7 * 86_400
+#: acks (done markers + XACK) wait this long to be written together, in one round trip. It widens
+#: the one window where a crash resends (after the platform accepted, before the marker is written)
+#: by as much; a graceful stop writes them at once.
+ACK_LINGER = 0.002
 
 
-class _Chain:
-    """The tail of one conversation's queue."""
+class _Job:
+    """One delivery taken from the stream and not finished yet."""
 
-    __slots__ = ("count", "tail")
+    __slots__ = ("claimed_at", "conv", "d", "eid")
 
-    def __init__(self) -> None:
-        self.tail: asyncio.Future[None] | None = None
-        self.count = 0
+    def __init__(self, eid: str, d: Delivery, conv: str) -> None:
+        self.eid = eid
+        self.d = d
+        self.conv = conv
+        #: monotonic time its marker was claimed with the batch it came in (None: not claimed)
+        self.claimed_at: float | None = None
 
 
 class Runner:
+    """Sends a sink's deliveries: ``concurrency`` workers over per-conversation FIFO queues.
+
+    A conversation's queue is served by one worker at a time (so it stays in order, retries back off
+    in place); different conversations are served concurrently. The read loop reads a batch, claims
+    the idempotency markers of the whole batch (and writes the acks so far) in one Lua call, and
+    queues the deliveries; a worker sends without another round trip when the sink has no rate to
+    charge. Acks are batched (one Lua call for many).
+    """
+
     def __init__(
         self,
         sink: Sink,
@@ -93,10 +147,17 @@ class Runner:
         rates = parse_rates(cfg.rate) if cfg.rate is not None else parse_rates(sink.default_rate or "")
         self.rates: list[Rate] = rates
         self._claim = bus.redis.register_script(_CLAIM)
-        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._sync = bus.redis.register_script(_SYNC)
         self._stopping = asyncio.Event()
-        self._chains: dict[str, _Chain] = {}
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        #: read-ahead: at most this many deliveries taken and not finished; read again below half
+        self._limit = max(cfg.concurrency * 4, 64)
+        self._queues: dict[str, deque[_Job]] = {}
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._inflight: dict[str, _Job] = {}
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._workers: list[asyncio.Task[None]] = []
         self._acks: list[tuple[str, str | None, str]] = []  # (entry id, marker key or None, value)
         self._ack_wake = asyncio.Event()
         self._ack_task: asyncio.Task[None] | None = None
@@ -107,10 +168,15 @@ class Runner:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._room.set()
 
     async def run(self) -> None:
         await self.bus.ensure_group(self.stream, RUNNER_GROUP)
         self._ack_task = asyncio.create_task(self._acker(), name=f"acker:{self.cfg.name}")
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"send:{self.cfg.name}:{n}")
+            for n in range(self.cfg.concurrency)
+        ]
         try:
             await self._read_loop()
         finally:
@@ -120,24 +186,27 @@ class Runner:
         start = "0"
         next_claim = time.monotonic() + min(30.0, self.cfg.claim_idle / 2)
         claim_cursor = "0-0"
-        limit = self.cfg.concurrency * 4
+        low = self._limit // 2
         while not self._stopping.is_set():
-            if len(self._inflight) >= limit:
-                await asyncio.wait(list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED)
+            if len(self._inflight) > low:
+                self._room.clear()
+                await self._room.wait()
                 continue
             entries = await self.bus.read_or_stop(
                 self._stopping,
                 self.stream, RUNNER_GROUP, self.instance,
-                count=min(self.batch, limit - len(self._inflight)),
+                count=min(self.batch, self._limit - len(self._inflight)),
                 block_ms=None if start != ">" else 1000, start=start,
             )  # fmt: skip
+            if entries is None:
+                break
             if start != ">":
                 if not entries:
                     start = ">"
                     continue
                 start = entries[-1][0]
-            for entry in entries:
-                self._schedule(entry)
+            if entries:
+                await self._admit(entries)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + min(30.0, self.cfg.claim_idle / 2)
                 claim_cursor = await self._reclaim(claim_cursor)
@@ -148,21 +217,25 @@ class Runner:
             self.stream, RUNNER_GROUP, self.instance, int(self.cfg.claim_idle * 1000), cursor, count=100
         )
         nxt, claimed = res[0], res[1]
+        entries: list[Entry] = []
         for eid, fields in claimed:
             eid = eid.decode() if isinstance(eid, bytes) else eid
             if fields is not None and eid not in self._inflight:
                 self.log.info("delivery.reclaimed", entry=eid)
-                self._schedule((eid, fields))
+                entries.append((eid, fields))
+        if entries:
+            await self._admit(entries)
         return str(nxt.decode() if isinstance(nxt, bytes) else nxt)
 
     async def _drain(self) -> None:
         if self._inflight:
-            _, pending = await asyncio.wait(list(self._inflight.values()), timeout=self.shutdown_timeout)
-            for t in pending:
-                t.cancel()
-            if pending:
-                self.log.warning("runner.shutdown_unfinished", count=len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.shutdown_timeout)
+            except TimeoutError:
+                self.log.warning("runner.shutdown_unfinished", count=len(self._inflight))
+        for t in self._workers:
+            t.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         if self._ack_task is not None:
             self._ack_task.cancel()
             await asyncio.gather(self._ack_task, return_exceptions=True)
@@ -170,33 +243,73 @@ class Runner:
 
     # -- scheduling --------------------------------------------------------------------------------
 
-    def _schedule(self, entry: Entry) -> None:
-        eid, fields = entry
-        if eid in self._inflight:
+    async def _admit(self, entries: list[Entry]) -> None:
+        """Decode a batch, claim all its markers (with the acks so far) in one call, queue the rest."""
+        jobs: list[_Job] = []
+        for eid, fields in entries:
+            if eid in self._inflight:
+                continue
+            raw = fields.get(b"d", b"")
+            try:
+                d = decode_delivery(raw)
+            except ValueError as e:
+                await self._undecodable(eid, raw, str(e))
+                continue
+            jobs.append(_Job(eid, d, d.conversation or d.envelope.conversation.id))
+        if not jobs:
             return
-        raw = fields.get(b"d", b"")
+        mark = self.keys.mark
         try:
-            d = decode_delivery(raw)
-        except ValueError as e:
-            self._track(eid, asyncio.create_task(self._undecodable(eid, raw, str(e))))
-            return
-        conv = d.conversation or d.envelope.conversation.id
-        chain = self._chains.get(conv)
-        if chain is None:
-            chain = self._chains[conv] = _Chain()
-        prev = chain.tail
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        chain.tail = done
-        chain.count += 1
-        self._track(eid, asyncio.create_task(self._deliver(eid, d, prev, done, conv)))
+            statuses = await self._sync_call([mark(self.cfg.name, j.d.id) for j in jobs])
+        except UNAVAILABLE as e:  # the workers claim one by one, retrying until Redis is back
+            self.log.warning("runner.claim_failed", error=str(e))
+            statuses = [""] * len(jobs)
+            if self._acks:
+                self._ack_wake.set()
+        now = time.monotonic()
+        for job, status in zip(jobs, statuses, strict=True):
+            if status == "ok":
+                job.claimed_at = now
+            elif status.startswith("done:"):
+                self.log.info("delivery.duplicate_skipped", delivery=job.d.id, entry=job.eid,
+                              remote_id=status[5:])  # fmt: skip
+                self._ack(job.eid, None, "")
+                continue
+            self._enqueue(job)
 
-    def _track(self, eid: str, task: asyncio.Task[None]) -> None:
-        self._inflight[eid] = task
+    def _enqueue(self, job: _Job) -> None:
+        self._inflight[job.eid] = job
+        self._idle.clear()
+        q = self._queues.get(job.conv)
+        if q is None:
+            self._queues[job.conv] = deque((job,))
+            self._ready.put_nowait(job.conv)
+        else:
+            q.append(job)
 
-        def forget(_: asyncio.Task[None]) -> None:
-            self._inflight.pop(eid, None)
-
-        task.add_done_callback(forget)
+    async def _worker(self) -> None:
+        """Serve ready conversations, one delivery at a time; a conversation is never on two workers."""
+        while True:
+            conv = await self._ready.get()
+            q = self._queues[conv]
+            job = q[0]
+            try:
+                await self._attempts(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: the entry stays pending and is taken up again after claim_idle
+                self.log.exception("delivery.crashed", delivery=job.d.id, entry=job.eid)
+            finally:
+                q.popleft()
+                self._inflight.pop(job.eid, None)
+                if q:
+                    self._ready.put_nowait(conv)
+                else:
+                    del self._queues[conv]
+                if len(self._inflight) <= self._limit // 2:
+                    self._room.set()
+                if not self._inflight:
+                    self._idle.set()
 
     async def _undecodable(self, eid: str, raw: bytes, err: str) -> None:
         self.log.error("delivery.bad_entry", entry=eid, error=err)
@@ -205,23 +318,6 @@ class Runner:
             attempts=0, instance=self.instance,
         )  # fmt: skip
         self._ack(eid, None, "")
-
-    async def _deliver(
-        self, eid: str, d: Delivery, prev: asyncio.Future[None] | None, done: asyncio.Future[None], conv: str
-    ) -> None:
-        try:
-            if prev is not None:
-                await asyncio.shield(prev)
-            async with self._sem:
-                await self._attempts(eid, d)
-        finally:
-            if not done.done():
-                done.set_result(None)
-            chain = self._chains.get(conv)
-            if chain is not None:
-                chain.count -= 1
-                if chain.count == 0:
-                    del self._chains[conv]
 
     # -- one delivery ------------------------------------------------------------------------------
 
@@ -238,9 +334,11 @@ class Runner:
                 args += [r.interval * 1000.0, 1]
         return keys, args
 
-    async def _claim_marker(self, d: Delivery, charge: bool) -> tuple[str, str]:
+    async def _claim_marker(
+        self, d: Delivery, charge: bool, limits: tuple[list[str], list[float | int]] | None = None
+    ) -> tuple[str, str]:
         marker = self.keys.mark(self.cfg.name, d.id)
-        rkeys, rargs = self._limits(d) if charge else ([], [])
+        rkeys, rargs = (limits or self._limits(d)) if charge else ([], [])
         res = await self._claim(
             keys=[marker, *rkeys],
             args=[
@@ -254,19 +352,30 @@ class Runner:
         status, value = (x.decode() if isinstance(x, bytes) else str(x) for x in res)
         return status, value
 
-    async def _attempts(self, eid: str, d: Delivery) -> None:
+    async def _attempts(self, job: _Job) -> None:
+        eid, d = job.eid, job.d
         attempt = 0
-        log = self.log.bind(delivery=d.id, entry=eid)
         marker = self.keys.mark(self.cfg.name, d.id)
+        limits = self._limits(d)
+        # claimed with its batch, nothing to charge, and the claim is fresh: send without asking again
+        claimed = (
+            job.claimed_at is not None
+            and not limits[0]
+            and time.monotonic() - job.claimed_at < self.cfg.claim_idle / 2
+        )
         while True:
-            try:
-                status, value = await self._claim_marker(d, charge=True)
-            except UNAVAILABLE as e:
-                log.warning("delivery.redis_unavailable", error=str(e))
-                await asyncio.sleep(1.0)
-                continue
+            if claimed:
+                status, value = "ok", "0"
+                claimed = False
+            else:
+                try:
+                    status, value = await self._claim_marker(d, True, limits)
+                except UNAVAILABLE as e:
+                    self._log(job).warning("delivery.redis_unavailable", error=str(e))
+                    await asyncio.sleep(1.0)
+                    continue
             if status == "done":
-                log.info("delivery.duplicate_skipped", remote_id=value[5:])
+                self._log(job).info("delivery.duplicate_skipped", remote_id=value[5:])
                 self._ack(eid, None, "")
                 return
             if status == "busy":  # another live instance is sending this delivery now
@@ -279,7 +388,7 @@ class Runner:
             try:
                 remote_id = await self.sink.send(d, SendContext(d, self))
             except PermanentError as e:
-                await self._dead(eid, d, f"permanent: {e}", attempt, log)
+                await self._dead(eid, d, f"permanent: {e}", attempt, self._log(job))
                 return
             except (RetryableError, *UNAVAILABLE, TimeoutError) as e:
                 reason = str(e) or type(e).__name__
@@ -287,20 +396,23 @@ class Runner:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.exception("delivery.sink_error", attempt=attempt)
+                self._log(job).exception("delivery.sink_error", attempt=attempt)
                 reason = f"{type(e).__name__}: {e}"
                 retry_after = None
             else:
                 self.sent += 1
-                log.debug("delivery.sent", remote_id=remote_id, attempt=attempt)
                 self._ack(eid, marker, f"done:{remote_id}")
                 return
+            log = self._log(job)
             if attempt >= self.cfg.max_attempts:
                 await self._dead(eid, d, f"gave up after {attempt} attempts: {reason}", attempt, log)
                 return
             delay = self.backoff(attempt) if retry_after is None else max(retry_after, 0.0)
             log.warning("delivery.retry", attempt=attempt, delay=round(delay, 3), reason=reason)
             await self._sleep(delay, d)
+
+    def _log(self, job: _Job) -> Any:
+        return self.log.bind(delivery=job.d.id, entry=job.eid)
 
     def backoff(self, attempt: int) -> float:
         """Exponential with full jitter between half and the whole step."""
@@ -340,6 +452,8 @@ class Runner:
     async def _acker(self) -> None:
         while True:
             await self._ack_wake.wait()
+            # linger a moment: more acks come, and the read loop's next claim call may carry them all
+            await asyncio.sleep(ACK_LINGER)
             self._ack_wake.clear()
             try:
                 await self._flush_acks()
@@ -349,19 +463,26 @@ class Runner:
                 self._ack_wake.set()
 
     async def _flush_acks(self) -> None:
-        if not self._acks:
-            return
+        if self._acks:
+            await self._sync_call([])
+
+    async def _sync_call(self, claim: list[str]) -> list[str]:
+        """Write the acks so far and claim ``claim`` markers, in one round trip."""
         batch, self._acks = self._acks, []
+        if not batch and not claim:
+            return []
+        done = [(m, v) for _, m, v in batch if m is not None]
+        keys = [self.stream, *(m for m, _ in done), *claim]
+        args: list[Any] = [
+            RUNNER_GROUP, DONE_TTL, len(done), len(batch), self.owner, f"{self.instance}:",
+            int(self.cfg.claim_idle * 1000), *(v for _, v in done), *(b[0] for b in batch),
+        ]  # fmt: skip
         try:
-            pipe: Any = self.bus.redis.pipeline(transaction=False)
-            for _eid, marker, value in batch:
-                if marker is not None:
-                    pipe.set(marker, value, ex=DONE_TTL)
-            pipe.xack(self.stream, RUNNER_GROUP, *[b[0] for b in batch])
-            await pipe.execute()
+            res = await self._sync(keys=keys, args=args)
         except BaseException:
             self._acks[:0] = batch
             raise
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in res]
 
     # -- SendContext's backend ---------------------------------------------------------------------
 
