@@ -183,6 +183,37 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(f[:8]) - idle, sum(f[:8])
 
 
+class MachineLoad:
+    """Busy share of all cores over a phase, and the share other processes took (noise)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.t0 = time.monotonic()
+        self.b0, self.n0 = _cpu_ticks()
+        self.c0 = {p: _safe_cpu(p) for p in self.pids}
+        #: CPU seconds of processes that came and went during the phase (a load generator)
+        self.extra = 0.0
+
+    def done(self) -> dict[str, float]:
+        b1, n1 = _cpu_ticks()
+        wall = time.monotonic() - self.t0
+        ncpu = os.cpu_count() or 1
+        busy = (b1 - self.b0) / max(n1 - self.n0, 1)
+        ours = (sum(_safe_cpu(p) - c for p, c in self.c0.items()) + self.extra) / max(wall * ncpu, 1e-9)
+        return {
+            "machine_busy": round(busy, 3),
+            "ours": round(ours, 3),
+            "others": round(max(busy - ours, 0.0), 3),
+        }
+
+
+def _safe_cpu(pid: int) -> float:
+    try:
+        return proc_cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
 def machine_busy(seconds: float = 1.0) -> float:
     """Share of all cores busy over ``seconds`` (0..1), whoever keeps them busy."""
     b0, t0 = _cpu_ticks()
@@ -219,6 +250,18 @@ def proc_rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return 0.0
+
+
+def redis_pid(redis_url: str = DEFAULT_REDIS) -> int | None:
+    """The Redis server's pid when it runs on this machine (for its CPU in /proc)."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        pid = int(r.info("server").get("process_id", 0))
+    finally:
+        r.close()
+    return pid if pid and Path(f"/proc/{pid}/stat").exists() else None
 
 
 def redis_cpu_seconds(redis_url: str = DEFAULT_REDIS) -> float:
@@ -293,6 +336,16 @@ listen = "127.0.0.1:{listen_port}"
 def daemon_args(config: Path, stats_port: int, *, loop: str = "auto", proposals: bool = False) -> list[str]:
     return [PY, "-m", "bench.daemon_proc", "--config", str(config), "--stats-port", str(stats_port),
             "--loop", loop] + (["--proposals"] if proposals else [])  # fmt: skip
+
+
+def save_json(path: Path, res: dict[str, Any]) -> Path:
+    """Write ``res`` to ``path`` and keep a copy per run (``<stem>-<date-time>.json`` next to it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(res, indent=1)
+    path.write_text(text)
+    copy = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    copy.write_text(text)
+    return copy
 
 
 def fmt_rate(x: float) -> str:

@@ -22,16 +22,34 @@ from typing import Any
 from aiohttp import web
 
 ROUND_TRIPS = 0
+#: round trips by the core function that made them (WB_BENCH_RT_SITES=1; a stack walk each: slower)
+SITES: dict[str, int] = {}
+
+
+def _site() -> str:
+    import sys
+
+    f: Any = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if "/bridge/" in name or "/adapters/" in name:
+            return f"{Path(name).stem}.{f.f_code.co_name}"
+        f = f.f_back
+    return "?"
 
 
 def count_round_trips() -> None:
     from redis.asyncio import connection as rconn
 
     original = rconn.AbstractConnection.send_packed_command
+    sites = bool(os.environ.get("WB_BENCH_RT_SITES"))
 
     async def counted(self: Any, command: Any, check_health: bool = True) -> None:
         global ROUND_TRIPS
         ROUND_TRIPS += 1
+        if sites:
+            k = _site()
+            SITES[k] = SITES.get(k, 0) + 1
         await original(self, command, check_health)
 
     rconn.AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
@@ -59,6 +77,7 @@ async def main(config_path: str, stats_port: int) -> None:
         return web.json_response(
             {
                 "round_trips": ROUND_TRIPS,
+                "round_trip_sites": SITES,
                 "routed": daemon.router.routed if daemon.router else 0,
                 "sent": {n: r.sent for n, r in daemon.runners.items()},
                 "dead": {n: r.dead for n, r in daemon.runners.items()},

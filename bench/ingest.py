@@ -38,6 +38,7 @@ from bench.common import (
     OUT,
     PY,
     ROOT,
+    MachineLoad,
     Procs,
     cleanup_prefix,
     command_line,
@@ -48,6 +49,8 @@ from bench.common import (
     proc_cpu_seconds,
     proc_cpu_split,
     redis_cpu_seconds,
+    redis_pid,
+    save_json,
     wait_http,
     wait_quiet,
     write_config,
@@ -120,13 +123,28 @@ def run_wrk(port: int, reqfile: Path, seconds: float, conns: int, threads: int) 
 
 
 def run_loadgen(
-    procs: Procs, port: int, reqfile: Path, rate: float, seconds: float, conns: int
+    procs: Procs,
+    port: int,
+    reqfile: Path,
+    rate: float,
+    seconds: float,
+    conns: int,
+    load: MachineLoad | None = None,
 ) -> dict[str, Any]:
     log = OUT / "loadgen.log"
     p = procs.start("loadgen", [PY, "-m", "bench.loadgen", "--port", str(port), "--requests", str(reqfile),
                                 "--rate", f"{rate:.1f}", "--seconds", str(seconds),
                                 "--connections", str(conns)], log=log)  # fmt: skip
+    cpu = 0.0
+    while p.poll() is None:  # the generator's own CPU, read while it lives
+        try:
+            cpu = proc_cpu_seconds(p.pid)
+        except OSError:
+            break
+        time.sleep(0.2)
     p.wait(seconds + 120)
+    if load is not None:
+        load.extra += cpu
     line = next((x for x in log.read_text().splitlines() if x.startswith("LOADGEN_JSON ")), None)
     if line is None:
         raise RuntimeError(f"loadgen gave no summary; see {log}")
@@ -143,12 +161,13 @@ class Server:
         self.port = free_port()
         if kind.startswith("bridge"):
             self.prefix = new_prefix("ingest")
-            cfg = write_config(f"ingest-{kind}", prefix=self.prefix, listen_port=self.port, body=BRIDGE_BODY,
+            cfg = write_config(f"ingest-{kind}", prefix=self.prefix, listen_port=0, body=BRIDGE_BODY,
                                redis_url=redis_url)  # fmt: skip
             self.bridge = Bridge(
                 procs, f"ingest-{kind}", cfg, loop=loop, proposals=kind == "bridge-proposals"
             )
             self.proc = self.bridge.proc
+            self.port = self.bridge.port
         else:
             args = [PY, "-m", "bench.ingest_servers", "--kind", kind, "--port", str(self.port),
                     "--token", TOKEN, "--aes-key", AES_KEY, "--corp-id", CORP]  # fmt: skip
@@ -210,11 +229,22 @@ def measure(procs: Procs, kind: str, a: argparse.Namespace, half_rate: float | N
         # fresh MsgIds for the fixed-rate run: the last lines of a new file
         make_requests(halffile, n_half)
         res["machine_busy_before_half"] = wait_quiet()
-        c0 = proc_cpu_seconds(srv.pid)
-        half = run_loadgen(procs, srv.port, halffile, rate, a.half_seconds, a.connections)
+        c0, h0 = proc_cpu_seconds(srv.pid), srv.stats()
+        rpid = redis_pid(a.redis_url)
+        load = MachineLoad([srv.pid] + ([rpid] if rpid else []))
+        half = run_loadgen(procs, srv.port, halffile, rate, a.half_seconds, a.connections, load)
+        half["load"] = load.done()
         half["server_cpu_us_per_req"] = round(
             (proc_cpu_seconds(srv.pid) - c0) / max(half["sent"], 1) * 1e6, 1
         )
+        h1 = srv.stats()
+        if h0 is not None and h1 is not None:
+            n_rt = h1["round_trips"] - h0["round_trips"]
+            half["round_trips_per_req"] = round(n_rt / max(half["sent"], 1), 3)
+            sites0 = h0.get("round_trip_sites", {})
+            sites = {k: v - sites0.get(k, 0) for k, v in h1.get("round_trip_sites", {}).items()}
+            if sites:
+                half["round_trips_by_site"] = sites
         res["half"] = half
         print(f"{kind} at {rate:,.0f}/s: {json.dumps(half)}", flush=True)
     finally:
@@ -247,6 +277,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
         "half_rate": _med([r["half"]["rate"] for r in runs]),
         "half_p50_ms": _med([r["half"]["p50_ms"] for r in runs]),
         "half_p99_ms": _med([r["half"]["p99_ms"] for r in runs]),
+        "half_others": _med([r["half"].get("load", {}).get("others", 0.0) for r in runs]),
     }
 
 
@@ -279,6 +310,12 @@ def report(res: dict[str, Any]) -> None:
         cpu_a, cpu_b = a["cpu_us"] / cp["cpu_us"], b["cpu_us"] / cp["cpu_us"]
         print(f"c'/a = {ca:.2f}   c'/b = {cb:.2f}   c' p99 at half c's peak = {cp['half_p99_ms']:.2f} ms   "
               f"by CPU: a/c' = {cpu_a:.2f}   b/c' = {cpu_b:.2f}")  # fmt: skip
+    print("fixed-rate runs, p99 ms (share of the machine other processes took meanwhile):")
+    for k in kinds:
+        rows = [
+            f"{r['half']['p99_ms']} ({r['half'].get('load', {}).get('others', '?')})" for r in res["runs"][k]
+        ]
+        print(f"   {NAMES[k]:<32} {', '.join(rows)}")
     for k in ("bridge", "bridge-proposals"):
         for r in res["runs"].get(k, []):
             p = r["peak"]
@@ -320,8 +357,8 @@ def main() -> None:
     res["half_rate"] = half
     res["load_avg_at_end"] = os.getloadavg()
     report(res)
-    a.json.write_text(json.dumps(res, indent=1))
-    print(f"(figures also in {a.json})")
+    copy = save_json(a.json, res)
+    print(f"(figures also in {a.json} and {copy})")
     if a.profile:
         for r in res["runs"]["bridge"][:1] + res["runs"].get("bridge-proposals", [])[:1]:
             if "profile" in r:

@@ -13,7 +13,6 @@ no growth trend means a slope near zero.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -25,11 +24,11 @@ from bench.common import (
     Procs,
     cleanup_prefix,
     command_line,
-    free_port,
     machine_info,
     new_prefix,
     print_machine,
     proc_rss_mb,
+    save_json,
     wait_quiet,
     write_config,
 )
@@ -68,7 +67,7 @@ def main() -> None:
         with Procs() as procs:
             receiver = Receiver(procs, track_ids=False)
             body = BRIDGE_BODY.format(rport=receiver.port, concurrency=a.concurrency)
-            cfg = write_config("memory-bridge", prefix=prefix, listen_port=free_port(), redis_url=a.redis_url,
+            cfg = write_config("memory-bridge", prefix=prefix, listen_port=0, redis_url=a.redis_url,
                                stream_maxlen=a.maxlen, body=body)  # fmt: skip
             bridge = Bridge(procs, "memory-bridge", cfg, loop=resolve_loop(a.loop))
             pid = bridge.proc.pid
@@ -114,8 +113,8 @@ def main() -> None:
           f"{peak} MB (target <= 100); idle again {res['rss_after_idle_mb']} MB")  # fmt: skip
     print(f"slope over samples 2..{len(s)}: {res['slope_mb_per_100k']} MB per 100,000 messages "
           f"(no growth trend: ~0); {res['rate']:,.0f} msg/s wall-clock (with publishing)")  # fmt: skip
-    a.json.write_text(json.dumps(res, indent=1))
-    print(f"(figures also in {a.json})")
+    copy = save_json(a.json, res)
+    print(f"(figures also in {a.json} and {copy})")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from bench.common import (
     DEFAULT_REDIS,
     OUT,
     PY,
+    MachineLoad,
     Procs,
     cleanup_prefix,
     command_line,
@@ -44,6 +45,8 @@ from bench.common import (
     print_machine,
     proc_cpu_seconds,
     redis_cpu_seconds,
+    redis_pid,
+    save_json,
     wait_http,
     wait_quiet,
     write_config,
@@ -129,20 +132,33 @@ class Bridge:
     def __init__(
         self, procs: Procs, name: str, config: Path, *, loop: str = "auto", proposals: bool = False
     ) -> None:
-        self.stats_port = free_port()
         self.procs = procs
         self.name = name
-        self.proc = procs.start(name, daemon_args(config, self.stats_port, loop=loop, proposals=proposals))
-        self.url = f"http://127.0.0.1:{self.stats_port}/stats"
+        for attempt in range(3):  # a free port can be taken between our check and the bind: try again
+            self.stats_port = free_port()
+            self.proc = procs.start(
+                name, daemon_args(config, self.stats_port, loop=loop, proposals=proposals)
+            )
+            self.url = f"http://127.0.0.1:{self.stats_port}/stats"
+            if self._ready():
+                break
+            if attempt == 2:
+                raise RuntimeError(f"daemon {name} did not start; see bench/out/{name}.log")
+            procs.stop(self.proc)
+        #: the daemon's HTTP port (configs here listen on port 0: the system picks a free one)
+        self.port = int(self.stats()["port"])
+
+    def _ready(self) -> bool:
         end = time.monotonic() + 30
-        while True:
+        while time.monotonic() < end:
             try:
                 if get_json(self.url)["ready"]:
-                    break
+                    return True
             except Exception:
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"daemon {name} did not start; see bench/out/{name}.log") from None
+                if self.proc.poll() is not None:
+                    return False
             time.sleep(0.05)
+        return False
 
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = get_json(self.url)
@@ -156,7 +172,7 @@ def bridge_config(name: str, prefix: str, rport: int, concurrency: int, redis_ur
     return write_config(
         name,
         prefix=prefix,
-        listen_port=free_port(),
+        listen_port=0,
         body=BRIDGE_BODY.format(rport=rport, concurrency=concurrency),
         redis_url=redis_url,
         **kw,
@@ -202,7 +218,10 @@ class Side:
     def round_trips(self) -> int | None:
         if self.bridge is None:
             return None
-        return int(self.bridge.stats()["round_trips"] - self.s0["round_trips"])
+        s1 = self.bridge.stats()
+        s0sites = self.s0.get("round_trip_sites", {})
+        self.sites = {k: v - s0sites.get(k, 0) for k, v in s1.get("round_trip_sites", {}).items()}
+        return int(s1["round_trips"] - self.s0["round_trips"])
 
     def stop(self) -> None:
         if self.bridge is not None:
@@ -277,6 +296,8 @@ def live(
         if side.bridge is not None:
             side.s0 = side.bridge.stats()
         rc0, rv0 = redis_cpu_seconds(a.redis_url), proc_cpu_seconds(receiver.proc.pid)
+        rpid = redis_pid(a.redis_url)
+        load = MachineLoad([side.pid, receiver.proc.pid] + ([rpid] if rpid else []))
         prof_path = OUT / f"{'latency' if rate < 2000 else 'sustain'}-{kind}.raw"
         prof_proc = profile.record(side.pid, prof_path) if a.profile and kind == "bridge" else None
         prod = procs.start(
@@ -284,7 +305,15 @@ def live(
             [PY, "-m", "bench.producer", "--redis-url", a.redis_url, "--prefix", prefix,
              "--rate", str(rate), "--seconds", str(seconds)],
         )  # fmt: skip
+        pcpu = 0.0
+        while prod.poll() is None:  # the producer's own CPU, read while it lives
+            try:
+                pcpu = proc_cpu_seconds(prod.pid)
+            except OSError:
+                break
+            time.sleep(0.2)
         prod.wait(seconds + 120)
+        load.extra += pcpu
         n = int(rate * seconds)
         rcv = receiver.wait_count(n, timeout=120, idle_timeout=10)
         cpu = {"relay": side.cpu(), "redis": redis_cpu_seconds(a.redis_url) - rc0,
@@ -292,8 +321,11 @@ def live(
         if prof_proc is not None:
             profile.stop(prof_proc)
         res = _result(rcv, n, cpu, side.round_trips())
+        if getattr(side, "sites", None):
+            res["round_trips_by_site"] = side.sites
         res["offered_rate"] = rate
         res["machine_busy_before"] = busy
+        res["load"] = load.done()
         if prof_proc is not None:
             res["profile"] = str(prof_path)
         lines = (OUT / f"producer-{kind}.log").read_text().strip().splitlines()
@@ -338,9 +370,11 @@ def report(res: dict[str, Any]) -> None:
         for k in ["bridge", *[k for k in ("baseline",) if f"{phase}_{k}" in res]]:
             r = res[f"{phase}_{k}"]
             rt = f", rt/msg {r['rt_per_msg_daemon']} (+1 publish)" if "rt_per_msg_daemon" in r else ""
+            noise = r.get("load", {}).get("others", "?")
             print(f"{phase} @{r['offered_rate']:g}/s {k}: delivered {r['delivered']}/{r['expected']} at "
                   f"{r['rate']:,.0f}/s; added latency p50 {r['lat_p50_ms']} ms, p99 {r['lat_p99_ms']} ms, "
-                  f"max {r['lat_max_ms']} ms; CPU µs/msg {r['cpu_us_per_msg']['relay']}{rt}")  # fmt: skip
+                  f"max {r['lat_max_ms']} ms; CPU µs/msg {r['cpu_us_per_msg']['relay']}{rt}; "
+                  f"other processes' share of the machine {noise}")  # fmt: skip
 
 
 def main() -> None:
@@ -388,9 +422,8 @@ def main() -> None:
                 print(f"{phase} {kind} @{rate:g}/s: {json.dumps(r)}", flush=True)
     res["load_avg_at_end"] = __import__("os").getloadavg()
     report(res)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1))
-    print(f"(figures also in {a.json})")
+    copy = save_json(a.json, res)
+    print(f"(figures also in {a.json} and {copy})")
     if a.profile:
         rows = [("drain", r) for r in res.get("drain_bridge", [])]
         rows += [(p, res[f"{p}_bridge"]) for p in ("latency", "sustain") if f"{p}_bridge" in res]

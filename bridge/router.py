@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 
 from bridge import logging as blog
 from bridge.bus import ROUTER_GROUP, Bus
-from bridge.config import Config, RouteConfig
+from bridge.config import Config, OutboundConfig, RouteConfig
 from bridge.envelope import Delivery, Envelope, decode_envelope, delivery_id
 
 log = blog.get("router")
@@ -33,8 +34,14 @@ def matches(route: RouteConfig, env: Envelope) -> bool:
     return not (route.pattern is not None and not route.pattern.search(env.text))
 
 
-def plan(config: Config, env: Envelope) -> list[Delivery]:
-    """The deliveries an envelope makes (pure: the same envelope always gives the same list)."""
+def plan(
+    config: Config, env: Envelope, outbound: Mapping[str, OutboundConfig] | None = None
+) -> list[Delivery]:
+    """The deliveries an envelope makes (pure: the same envelope always gives the same list).
+
+    ``outbound``: the config's sinks by name, when the caller keeps them (the router does).
+    """
+    sinks = outbound if outbound is not None else {o.name: o for o in config.outbound}
     now = time.time()
     out: dict[str, Delivery] = {}
 
@@ -62,7 +69,7 @@ def plan(config: Config, env: Envelope) -> list[Delivery]:
                 add(inbound.reply_via, origin.conversation.id, r.name)
         if env.source in r.sources and matches(r, env):
             for t in r.to:
-                sink = config.outbound_by_name(t.sink)
+                sink = sinks.get(t.sink)
                 conv = t.conversation or (sink.default_conversation if sink else None)
                 add(t.sink, conv, r.name)
     return list(out.values())
@@ -83,6 +90,7 @@ class Router:
         self.consumer = consumer
         self.batch = batch
         self._stopping = asyncio.Event()
+        self._sinks = {o.name: o for o in config.outbound}
         self.routed = 0
 
     def stop(self) -> None:
@@ -147,7 +155,7 @@ class Router:
                     attempts=0, instance=self.consumer,
                 )  # fmt: skip
                 continue
-            deliveries = plan(self.config, env)
+            deliveries = plan(self.config, env, self._sinks)
             if not deliveries and blog.debug_enabled():
                 log.debug("route.unmatched", envelope=env.id, source=env.source)
             out += deliveries

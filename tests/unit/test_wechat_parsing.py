@@ -11,6 +11,8 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.simulate import _xml
 from adapters.wechat_inbound import (
@@ -298,3 +300,118 @@ def test_valid_options_with_defaults(write_config: Callable[..., Config]) -> Non
     assert (c.stream, c.stream_window) == (True, 330)
     assert (opts["o"].timeout, opts["o"].poll_interval) == (10.0, 0.2)
     assert "d2VjaGF0" not in repr(a) and "d2VjaGF0" not in str(msgspec.to_builtins(a, enc_hook=str))
+
+
+# -- parse_xml against an independent oracle ----------------------------------------------------------
+# parse_xml builds its dict on expat directly; the oracle is the straightforward way — defusedxml's
+# ElementTree (forbid_dtd) and a walk of the tree — which parse_xml replaced for speed. Both must give
+# the same dict, or refuse with the same status, on any input.
+
+
+def _oracle(data: bytes) -> tuple[str, Any]:
+    import xml.etree.ElementTree as ET
+
+    from defusedxml import DefusedXmlException
+    from defusedxml import ElementTree as DefusedET
+
+    def walk(el: ET.Element, depth: int) -> Any:
+        if len(el) == 0:
+            return el.text or ""
+        if depth >= 16:
+            raise ValueError("deep")
+        out: dict[str, Any] = {}
+        for child in el:
+            v = walk(child, depth + 1)
+            if child.tag in out:
+                prev = out[child.tag]
+                out[child.tag] = [*prev, v] if isinstance(prev, list) else [prev, v]
+            else:
+                out[child.tag] = v
+        return out
+
+    try:
+        root = DefusedET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException:
+        return "refused", "DTD or entity refused"
+    except (ET.ParseError, ValueError, LookupError, RecursionError):
+        return "refused", "malformed XML"
+    if root.tag != "xml":
+        return "refused", "root element is not <xml>"
+    try:
+        value = walk(root, 0)
+    except ValueError:
+        return "refused", "nested"
+    return "ok", value if isinstance(value, dict) else {}
+
+
+def _ours(data: bytes) -> tuple[str, Any]:
+    try:
+        return "ok", parse_xml(data, "m")
+    except Refused as e:
+        assert e.status == 400
+        reason = e.reason.removeprefix("m: ")
+        return "refused", "nested" if reason == "XML nested too deeply" else reason
+
+
+_names = st.sampled_from(["xml", "A", "B", "item", "MsgType", "n:a", "x:y"])
+_texts = st.text(alphabet=st.sampled_from(list("ab <>&;]]x你\n\t'\"#=")), max_size=8)
+
+
+@st.composite
+def _xml_docs(draw: Any, depth: int = 0) -> str:
+    """An XML-ish document: nested elements, text, CDATA, comments, attributes, entities, junk."""
+    parts: list[str] = []
+    for _ in range(draw(st.integers(0, 3 if depth < 18 else 0))):
+        kind = draw(st.sampled_from(["el", "el", "el", "text", "cdata", "comment", "entity", "junk"]))
+        if kind == "el":
+            name = draw(_names)
+            attr = draw(st.sampled_from(["", ' a="1"', " xmlns:n='urn:n'", " b='&amp;'"]))
+            inner = draw(_xml_docs(depth + 1)) if depth < 18 else ""
+            parts.append(
+                f"<{name}{attr}>{inner}</{name}>" if inner or draw(st.booleans()) else f"<{name}{attr}/>"
+            )
+        elif kind == "text":
+            parts.append(draw(_texts).replace("<", "&lt;").replace("&", "&amp;"))
+        elif kind == "cdata":
+            parts.append(f"<![CDATA[{draw(_texts).replace(']]>', '')}]]>")
+        elif kind == "comment":
+            parts.append("<!-- c -->")
+        elif kind == "entity":
+            parts.append(draw(st.sampled_from(["&amp;", "&#20320;", "&#x41;", "&lt;", "&e;", "&#0;"])))
+        else:
+            parts.append(draw(_texts))
+    return "".join(parts)
+
+
+@given(
+    body=_xml_docs(),
+    prolog=st.sampled_from(
+        ["", '<?xml version="1.0" encoding="utf-8"?>', "<!DOCTYPE xml>", " ", "<!-- x -->"]
+    ),
+    root=st.sampled_from(["xml", "xml", "other"]),
+)
+@settings(max_examples=400, deadline=None)
+def test_parse_xml_agrees_with_the_elementtree_oracle(body: str, prolog: str, root: str) -> None:
+    doc = f"{prolog}<{root}>{body}</{root}>".encode()
+    assert _ours(doc) == _oracle(doc)
+
+
+@given(base=_xml_docs(), cuts=st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=3)), max_size=4))
+@settings(max_examples=400, deadline=None)
+def test_parse_xml_agrees_with_the_oracle_on_mutations(base: str, cuts: list[tuple[int, bytes]]) -> None:
+    doc = bytearray(f"<xml>{base}</xml>".encode())
+    for at, junk in cuts:
+        i = at % (len(doc) + 1)
+        doc[i : i + len(junk)] = junk
+    ours, oracle = _ours(bytes(doc)), _oracle(bytes(doc))
+    if ours[0] == oracle[0] == "refused" and {ours[1], oracle[1]} == {"nested", "malformed XML"}:
+        return  # too deep *and* malformed: we stop at the depth, the oracle at the syntax (both 400)
+    assert ours == oracle
+
+
+def test_parse_xml_refuses_the_billion_laughs_before_expanding() -> None:
+    lol = b'<!DOCTYPE xml [<!ENTITY a "aaaaaaaaaa">' + b"".join(
+        b'<!ENTITY %c "%s">' % (ord("b") + i, (b"&%c;" % (ord("a") + i)) * 10) for i in range(9)
+    )
+    doc = lol + b"]><xml><A>&j;</A></xml>"
+    assert refused(lambda: parse_xml(doc, "m")) == (400, "m: DTD or entity refused")
