@@ -183,12 +183,22 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(f[:8]) - idle, sum(f[:8])
 
 
+def _steal_ticks() -> int:
+    """CPU time the hypervisor gave our virtual cores to someone else (/proc/stat ``steal``)."""
+    return int(Path("/proc/stat").read_text().splitlines()[0].split()[8])
+
+
 class MachineLoad:
-    """Busy share of all cores over a phase, and the share other processes took (noise)."""
+    """Busy share of all cores over a phase, and the share other processes took (noise).
+
+    ``others`` = busy − ours: other processes, the kernel's softirq work (our own loopback traffic
+    too) and ``steal``, which is also given on its own: time the host ran someone else on our cores.
+    """
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self.t0 = time.monotonic()
+        self.s0 = _steal_ticks()
         self.b0, self.n0 = _cpu_ticks()
         self.c0 = {p: _safe_cpu(p) for p in self.pids}
         #: CPU seconds of processes that came and went during the phase (a load generator)
@@ -200,10 +210,12 @@ class MachineLoad:
         ncpu = os.cpu_count() or 1
         busy = (b1 - self.b0) / max(n1 - self.n0, 1)
         ours = (sum(_safe_cpu(p) - c for p, c in self.c0.items()) + self.extra) / max(wall * ncpu, 1e-9)
+        steal = (_steal_ticks() - self.s0) / max(n1 - self.n0, 1)
         return {
             "machine_busy": round(busy, 3),
             "ours": round(ours, 3),
             "others": round(max(busy - ours, 0.0), 3),
+            "steal": round(steal, 3),
         }
 
 

@@ -22,6 +22,29 @@ from typing import Any
 from aiohttp import web
 
 ROUND_TRIPS = 0
+#: garbage-collector pauses: count per generation, total and longest, in ms
+GC: dict[str, Any] = {"collections": [0, 0, 0], "total_ms": 0.0, "max_ms": 0.0, "long": []}
+
+
+def watch_gc() -> None:
+    import gc
+
+    started = [0.0]
+
+    def cb(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - started[0]) * 1e3
+        GC["collections"][info["generation"]] += 1
+        GC["total_ms"] += ms
+        GC["max_ms"] = max(GC["max_ms"], ms)
+        if ms >= 5:  # the pauses that can show in a p99: generation, ms, when
+            GC["long"] = [*GC["long"][-49:], [info["generation"], round(ms, 1), round(time.time(), 2)]]
+
+    gc.callbacks.append(cb)
+
+
 #: round trips by the core function that made them (WB_BENCH_RT_SITES=1; a stack walk each: slower)
 SITES: dict[str, int] = {}
 
@@ -69,7 +92,9 @@ async def main(config_path: str, stats_port: int) -> None:
     from bridge.daemon import Daemon
 
     cfg = load(Path(config_path), env=dict(os.environ))
-    blog.setup(cfg.bridge.log_level, cfg.bridge.log_format)
+    without = set(filter(None, os.environ.get("WB_BENCH_WITHOUT", "").split(",")))
+    blog.setup("warning" if "log" in without else cfg.bridge.log_level, cfg.bridge.log_format)
+    leave_out(without)
     daemon = Daemon(cfg, Registry.from_module())
 
     async def stats(_: web.Request) -> web.Response:
@@ -78,6 +103,7 @@ async def main(config_path: str, stats_port: int) -> None:
             {
                 "round_trips": ROUND_TRIPS,
                 "round_trip_sites": SITES,
+                "gc": GC,
                 "routed": daemon.router.routed if daemon.router else 0,
                 "sent": {n: r.sent for n, r in daemon.runners.items()},
                 "dead": {n: r.dead for n, r in daemon.runners.items()},
@@ -101,6 +127,42 @@ async def main(config_path: str, stats_port: int) -> None:
         await daemon.run_until_stopped()
     finally:
         await runner.cleanup()
+
+
+def leave_out(parts: set[str]) -> None:
+    """For bench/ingest_parts.py: run the daemon without some of its work, to see what each costs.
+
+    ``log``: warnings only (no ``wechat.accepted`` line); ``router``: no router reading the inbound
+    stream back; ``publish``: callbacks not stored (answered as if they were); ``handler``: the
+    ``wecom_app`` POST handler reads the body and answers, nothing else (what is left is HTTP and the
+    daemon's routing of the request). Never for figures of the bridge itself.
+    """
+    unknown = parts - {"log", "router", "publish", "handler"}
+    if unknown:
+        raise SystemExit(f"WB_BENCH_WITHOUT: unknown {sorted(unknown)}")
+    if "router" in parts:
+        from bridge.router import Router
+
+        async def idle(self: Any) -> None:
+            await asyncio.Event().wait()
+
+        Router.run = idle  # type: ignore[method-assign]
+    if "publish" in parts:
+        from bridge.adapter import Context
+
+        async def unstored(self: Any, env: Any, dedupe_key: Any = None, dedupe_ttl: Any = None) -> bool:
+            return True
+
+        Context.publish = unstored  # type: ignore[method-assign]
+    if "handler" in parts:
+        from adapters.wechat_inbound import read_body
+        from adapters.wecom.app_callback import WeComAppSource
+
+        async def answer(self: Any, request: web.Request, query: Any) -> web.Response:
+            await read_body(request, self.options.max_body)
+            return web.Response(status=200, body=b"", content_type="text/plain")
+
+        WeComAppSource.accept = answer  # type: ignore[method-assign]
 
 
 def use_core(path: str) -> None:
@@ -134,6 +196,7 @@ def cli() -> None:
     ap.add_argument("--proposals", action="store_true", help="apply bench/proposals.py (adapter speed-ups)")
     a = ap.parse_args()
     count_round_trips()
+    watch_gc()
     if a.proposals:
         from bench import proposals
 

@@ -22,7 +22,9 @@ _LINE = re.compile(r":\d+\)$")
 def record(pid: int, path: Path, *, rate: int = 250, native: bool = False) -> subprocess.Popen[bytes]:
     # no --idle: samples of a thread waiting in a system call (epoll, with nothing to do) are left out,
     # so the shares below are shares of the time the process was working
-    args = [_PY_SPY, "record", "-p", str(pid), "-o", str(path), "-f", "raw", "-r", str(rate)]
+    # --nonblocking: read the stacks without stopping the process (stopping it 250 times a second cost
+    # the ingest daemon two thirds of its throughput); a sample may then mix two moments, rarely
+    args = [_PY_SPY, "record", "-p", str(pid), "-o", str(path), "-f", "raw", "-r", str(rate), "--nonblocking"]
     if native:
         args.append("--native")
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

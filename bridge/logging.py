@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import logging
 import re
@@ -72,17 +74,51 @@ _format_exc_info = structlog.processors.format_exc_info
 
 
 class _Stderr:
-    """Writes each line to whatever ``sys.stderr`` is at the time (tests and supervisors swap it)."""
+    """Writes lines to whatever ``sys.stderr`` is at the time (tests and supervisors swap it).
 
-    def msg(self, message: str) -> None:
+    Info and debug lines logged during one turn of the event loop go out together at the end of
+    that turn, in one write (under load a publish wakes a few dozen callbacks in the same turn, each
+    with its ``wechat.accepted`` line); a warning or an error flushes at once, with what came
+    before it. Outside a running loop every line is written at once.
+    """
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def buffered(self, message: str) -> None:
+        lines = self._lines
+        lines.append(message)
+        if len(lines) > 1:
+            return  # a flush is already due at the end of this turn
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        loop.call_soon(self.flush)
+
+    def now(self, message: str) -> None:
+        self._lines.append(message)
+        self.flush()
+
+    def flush(self) -> None:
+        lines = self._lines
+        if not lines:
+            return
+        text = "\n".join(lines) + "\n"
+        lines.clear()
         f = sys.stderr
-        f.write(message + "\n")
+        f.write(text)
         f.flush()
 
-    log = debug = info = warn = warning = error = err = critical = fatal = exception = failure = msg
+    msg = log = debug = info = buffered
+    warn = warning = error = err = critical = fatal = exception = failure = now
 
 
 _STDERR = _Stderr()
+#: write out what is buffered (the daemon calls it when it stops; it also runs at exit)
+flush = _STDERR.flush
+atexit.register(flush)
 
 
 _json = msgspec.json.Encoder(enc_hook=repr)

@@ -20,6 +20,9 @@ from bridge.envelope import Delivery, Envelope, decode_envelope, delivery_id
 
 log = blog.get("router")
 
+#: seconds the router waits before its next read when the last one gave nothing to deliver
+IDLE_LINGER = 0.002
+
 
 def matches(route: RouteConfig, env: Envelope) -> bool:
     m = route.match
@@ -127,6 +130,11 @@ class Router:
                     start = entries[-1][0]
                 if entries:
                     routed, out = await self.route(entries)
+                    if not out and len(entries) < self.batch:
+                        # nothing to deliver, only acks to write: no hurry, let a few more entries
+                        # come so that one read serves them all (unrouted traffic, e.g. a source
+                        # nobody routes yet, then costs a fraction of a round trip per entry)
+                        await asyncio.sleep(IDLE_LINGER)
         finally:  # what fails here is routed again by our next life (and deduped by the markers)
             with contextlib.suppress(Exception):
                 if out:

@@ -15,25 +15,31 @@ if TYPE_CHECKING:
 log = blog.get("web")
 
 
-@web.middleware
-async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Written once for every inbound: Redis down → 503 (the platform retries), nothing lost;
-    a bug → 500 with a log line, never a traceback to the caller."""
-    try:
-        resp: web.StreamResponse = await handler(request)
-        return resp
-    except web.HTTPException:
-        raise
-    except (BusUnavailable, *UNAVAILABLE) as e:
-        log.warning("http.bus_unavailable", path=request.path, error=type(e).__name__)
-        return web.Response(status=503, text="service unavailable, retry later")
-    except Exception:
-        log.exception("http.handler_error", path=request.path, method=request.method)
-        return web.Response(status=500, text="internal error")
+def guarded(handler: Any) -> Any:
+    """``handler`` with the part written once for every inbound: Redis down → 503 (the platform
+    retries), nothing lost; a bug → 500 with a log line, never a traceback to the caller.
+
+    A wrapper per route rather than an aiohttp middleware: the same effect, without the middleware
+    machinery aiohttp then runs on every request (a few percent of a callback's cost)."""
+
+    async def guard(request: web.Request) -> web.StreamResponse:
+        try:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        except web.HTTPException:
+            raise
+        except (BusUnavailable, *UNAVAILABLE) as e:
+            log.warning("http.bus_unavailable", path=request.path, error=type(e).__name__)
+            return web.Response(status=503, text="service unavailable, retry later")
+        except Exception:
+            log.exception("http.handler_error", path=request.path, method=request.method)
+            return web.Response(status=500, text="internal error")
+
+    return guard
 
 
 def build_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[_guard], client_max_size=daemon.config.http.max_body)
+    app = web.Application(client_max_size=daemon.config.http.max_body)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive", "instance": daemon.instance})
@@ -57,9 +63,9 @@ def build_app(daemon: Daemon) -> web.Application:
             lines.append(f'wechat_bridge_task_crashes_total{{task="{name}"}} {c}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", guarded(healthz))
+    app.router.add_get("/readyz", guarded(readyz))
+    app.router.add_get("/metrics", guarded(metrics))
     taken: dict[tuple[str, str], str] = {}
     for name, src in daemon.sources.items():
         for route in src.routes():
@@ -67,5 +73,5 @@ def build_app(daemon: Daemon) -> web.Application:
             if key in taken:
                 raise ValueError(f"inbound.{name}.path: {route.path} is already served by {taken[key]}")
             taken[key] = name
-            app.router.add_route(route.method, route.path, route.handler)
+            app.router.add_route(route.method, route.path, guarded(route.handler))
     return app
