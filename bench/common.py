@@ -345,9 +345,9 @@ listen = "127.0.0.1:{listen_port}"
     return p
 
 
-def daemon_args(config: Path, stats_port: int, *, loop: str = "auto", proposals: bool = False) -> list[str]:
+def daemon_args(config: Path, stats_port: int, *, loop: str = "auto") -> list[str]:
     return [PY, "-m", "bench.daemon_proc", "--config", str(config), "--stats-port", str(stats_port),
-            "--loop", loop] + (["--proposals"] if proposals else [])  # fmt: skip
+            "--loop", loop]  # fmt: skip
 
 
 def save_json(path: Path, res: dict[str, Any]) -> Path:

@@ -193,14 +193,9 @@ def cli() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--stats-port", type=int, required=True)
     ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    ap.add_argument("--proposals", action="store_true", help="apply bench/proposals.py (adapter speed-ups)")
     a = ap.parse_args()
     count_round_trips()
     watch_gc()
-    if a.proposals:
-        from bench import proposals
-
-        proposals.apply()
     os.environ["WECHAT_BRIDGE_LOOP"] = a.loop
     import bridge.daemon
 

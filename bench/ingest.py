@@ -163,9 +163,7 @@ class Server:
             self.prefix = new_prefix("ingest")
             cfg = write_config(f"ingest-{kind}", prefix=self.prefix, listen_port=0, body=BRIDGE_BODY,
                                redis_url=redis_url)  # fmt: skip
-            self.bridge = Bridge(
-                procs, f"ingest-{kind}", cfg, loop=loop, proposals=kind == "bridge-proposals"
-            )
+            self.bridge = Bridge(procs, f"ingest-{kind}", cfg, loop=loop)
             self.proc = self.bridge.proc
             self.port = self.bridge.port
         else:
@@ -258,7 +256,6 @@ NAMES = {
     "bare": "a  aiohttp 'success'",
     "wechatpy": "b  aiohttp + wechatpy + parse",
     "bridge": "c  bridge wecom_app (durable)",
-    "bridge-proposals": "c' c + bench/proposals.py",
 }
 
 
@@ -304,19 +301,15 @@ def report(res: dict[str, Any]) -> None:
           f"c p99 at half its peak = {c['half_p99_ms']:.2f} ms (target <= 20)")  # fmt: skip
     cpu_a, cpu_b = a["cpu_us"] / c["cpu_us"], b["cpu_us"] / c["cpu_us"]
     print(f"by CPU per request: a/c = {cpu_a:.2f}   b/c = {cpu_b:.2f}")
-    if "bridge-proposals" in med:
-        cp = med["bridge-proposals"]
-        ca, cb = cp["rate"] / a["rate"], cp["rate"] / b["rate"]
-        cpu_a, cpu_b = a["cpu_us"] / cp["cpu_us"], b["cpu_us"] / cp["cpu_us"]
-        print(f"c'/a = {ca:.2f}   c'/b = {cb:.2f}   c' p99 at half c's peak = {cp['half_p99_ms']:.2f} ms   "
-              f"by CPU: a/c' = {cpu_a:.2f}   b/c' = {cpu_b:.2f}")  # fmt: skip
-    print("fixed-rate runs, p99 ms (share of the machine other processes took meanwhile):")
+    print("fixed-rate runs, p99 ms (others: share of the machine not ours, steal: of it the host's):")
     for k in kinds:
         rows = [
-            f"{r['half']['p99_ms']} ({r['half'].get('load', {}).get('others', '?')})" for r in res["runs"][k]
+            f"{r['half']['p99_ms']} (others {r['half'].get('load', {}).get('others', '?')}, "
+            f"steal {r['half'].get('load', {}).get('steal', '?')})"
+            for r in res["runs"][k]
         ]
         print(f"   {NAMES[k]:<32} {', '.join(rows)}")
-    for k in ("bridge", "bridge-proposals"):
+    for k in ("bridge",):
         for r in res["runs"].get(k, []):
             p = r["peak"]
             print(f"{k}: Redis round trips per request {p.get('round_trips_per_req')}, stored "
@@ -335,8 +328,6 @@ def main() -> None:
     ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                     help="event loop of all the servers (auto: uvloop if installed)")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="py-spy the bridge's peak runs")
-    ap.add_argument("--proposals", action="store_true",
-                    help="also run the bridge with bench/proposals.py applied (c')")  # fmt: skip
     ap.add_argument("--redis-url", default=DEFAULT_REDIS)
     ap.add_argument("--json", type=Path, default=OUT / "ingest.json")
     a = ap.parse_args()
@@ -345,7 +336,7 @@ def main() -> None:
     print_machine(info)
     args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
     res: dict[str, Any] = {"machine": info, "command": command_line(), "args": args, "runs": {}}
-    kinds = ["bridge", "bare", "wechatpy"] + (["bridge-proposals"] if a.proposals else [])
+    kinds = ["bridge", "bare", "wechatpy"]
     half: float | None = None
     with Procs() as procs:
         for i in range(a.repeat):  # c first: its first peak sets the fixed rate for every server
@@ -360,7 +351,7 @@ def main() -> None:
     copy = save_json(a.json, res)
     print(f"(figures also in {a.json} and {copy})")
     if a.profile:
-        for r in res["runs"]["bridge"][:1] + res["runs"].get("bridge-proposals", [])[:1]:
+        for r in res["runs"]["bridge"][:1]:
             if "profile" in r:
                 print(f"\nprofile of {r['kind']}'s peak run ({r['profile']}):")
                 print(profile.summary(Path(r["profile"])))

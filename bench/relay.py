@@ -129,16 +129,12 @@ class Receiver:
 class Bridge:
     """One daemon process (bench/daemon_proc.py) on its own config and stats port."""
 
-    def __init__(
-        self, procs: Procs, name: str, config: Path, *, loop: str = "auto", proposals: bool = False
-    ) -> None:
+    def __init__(self, procs: Procs, name: str, config: Path, *, loop: str = "auto") -> None:
         self.procs = procs
         self.name = name
         for attempt in range(3):  # a free port can be taken between our check and the bind: try again
             self.stats_port = free_port()
-            self.proc = procs.start(
-                name, daemon_args(config, self.stats_port, loop=loop, proposals=proposals)
-            )
+            self.proc = procs.start(name, daemon_args(config, self.stats_port, loop=loop))
             self.url = f"http://127.0.0.1:{self.stats_port}/stats"
             if self._ready():
                 break

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 $PY -m bench.relay "$@"
-$PY -m bench.ingest --proposals
+$PY -m bench.ingest
+$PY -m bench.ingest_parts
 $PY -m bench.memory
 $PY -m bench.scaling
