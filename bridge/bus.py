@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.envelope import Delivery, Envelope, encode
+
+T = TypeVar("T")
 
 ROUTER_GROUP = "router"
 RUNNER_GROUP = "runner"
@@ -124,11 +126,12 @@ return out
 """
 
 _ADD_MANY = """
--- KEYS[1] a sink's stream; ARGV[1] maxlen; ARGV[2..] one delivery each, added in order
-for i = 2, #ARGV do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[i])
+-- KEYS[1] a sink's stream; ARGV[1] maxlen; ARGV[2..] (delivery id, delivery) pairs, added in order.
+-- Each entry: d = the delivery, i = its id (the runner's read finds the delivery's marker by it).
+for i = 2, #ARGV, 2 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[i + 1], 'i', ARGV[i])
 end
-return #ARGV - 1
+return (#ARGV - 1) / 2
 """
 
 
@@ -300,6 +303,10 @@ class Bus:
             res = (await pipe.execute())[-1]
         else:
             res = await self.redis.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
+        return self._entries(res)
+
+    @staticmethod
+    def _entries(res: Any) -> list[Entry]:
         if not res:
             return []
         out: list[Entry] = []
@@ -328,7 +335,33 @@ class Bus:
         kw: dict[str, Any] = {"count": count, "start": start, "ack": ack, "write": write}
         if block_ms is None:
             return await self.read(stream, group, consumer, block_ms=None, **kw)
-        read = asyncio.ensure_future(self.read(stream, group, consumer, block_ms=block_ms, **kw))
+        return await self.or_stop(stop, self.read(stream, group, consumer, block_ms=block_ms, **kw))
+
+    async def read_around(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int,
+        block_ms: int | None,
+        before: Callable[[Any], None],
+        after: Callable[[Any], None],
+    ) -> tuple[list[Entry], list[Any]]:
+        """XREADGROUP ``>`` in one pipeline between the commands ``before(pipe)`` and ``after(pipe)``
+        add: one round trip. Redis runs them in order — ``after``'s once the read has returned, even
+        after it blocked. Returns the entries and the other commands' results, in order."""
+        pipe: Any = self.redis.pipeline(transaction=False)
+        before(pipe)
+        n = len(pipe.command_stack)
+        pipe.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        after(pipe)
+        res = await pipe.execute()
+        return self._entries(res[n]), res[:n] + res[n + 1 :]
+
+    async def or_stop(self, stop: asyncio.Event, call: Awaitable[T]) -> T | None:
+        """``call``, abandoned as soon as ``stop`` is set (then None)."""
+        read = asyncio.ensure_future(call)
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([read, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -348,13 +381,16 @@ class Bus:
 
     def deliveries_pipeline(self, deliveries: Sequence[Delivery], pipe: Any) -> None:
         for d in deliveries:
-            pipe.xadd(self.keys.out(d.sink), {"d": encode(d)}, maxlen=self.maxlen, approximate=True)
+            pipe.xadd(
+                self.keys.out(d.sink), {"d": encode(d), "i": d.id}, maxlen=self.maxlen, approximate=True
+            )
 
     @staticmethod
-    def _by_sink(deliveries: Sequence[Delivery]) -> dict[str, list[bytes]]:
-        by_sink: dict[str, list[bytes]] = {}
+    def _by_sink(deliveries: Sequence[Delivery]) -> dict[str, list[str | bytes]]:
+        """Per sink, the (delivery id, delivery) pairs _ADD_MANY takes, flat."""
+        by_sink: dict[str, list[str | bytes]] = {}
         for d in deliveries:
-            by_sink.setdefault(d.sink, []).append(encode(d))
+            by_sink.setdefault(d.sink, []).extend((d.id, encode(d)))
         return by_sink
 
     async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None:

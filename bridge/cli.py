@@ -183,7 +183,8 @@ async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
                 continue
             pipe = r.pipeline(transaction=False)
             pipe.delete(keys.mark(d.sink, d.id))
-            pipe.xadd(keys.out(d.sink), {"d": raw}, maxlen=cfg.redis.stream_maxlen, approximate=True)
+            fields = {"d": raw, "i": d.id}
+            pipe.xadd(keys.out(d.sink), fields, maxlen=cfg.redis.stream_maxlen, approximate=True)
             pipe.xdel(keys.dead, eid)
             await pipe.execute()
             replayed += 1

@@ -93,6 +93,42 @@ end
 return out
 """
 
+# Run in the read's pipeline, just after its XREADGROUP: claims the markers of the entries that read
+# gave us, found as this consumer's pending entries newer than the last one read before.
+# KEYS[1] the sink's stream. ARGV[1] group, ARGV[2] consumer, ARGV[3] the id read last before ("0-0"),
+# ARGV[4] how many at most, ARGV[5] owner, ARGV[6] owner's instance prefix, ARGV[7] claim ttl ms,
+# ARGV[8] the markers' key prefix (under the sink's hash tag: the same slot as KEYS[1]).
+# Returns (entry id, status) pairs; status as _SYNC's, or '' for an entry without its delivery id
+# (written by an older version: its worker claims it alone, as before).
+_CLAIM_READ = """
+local owner, prefix = ARGV[5], ARGV[6]
+local out = {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+', ARGV[4], ARGV[2])) do
+  local id, st = p[1], ''
+  local e = redis.call('XRANGE', KEYS[1], id, id)[1]
+  if e then
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'i' then
+        local mk = ARGV[8] .. f[i + 1]
+        local v = redis.call('GET', mk)
+        if v and string.sub(v, 1, 5) == 'done:' then
+          st = v
+        elseif v and v ~= owner and string.sub(v, 1, #prefix) ~= prefix then
+          st = 'busy'
+        else
+          redis.call('SET', mk, owner, 'PX', ARGV[7])
+          st = 'ok'
+        end
+      end
+    end
+  end
+  out[#out + 1] = id
+  out[#out + 1] = st
+end
+return out
+"""
+
 DONE_TTL = 7 * 86_400
 #: acks (done markers + XACK) wait this long to be written together, in one round trip. It widens
 #: the one window where a crash resends (after the platform accepted, before the marker is written)
@@ -117,10 +153,11 @@ class Runner:
     """Sends a sink's deliveries: ``concurrency`` workers over per-conversation FIFO queues.
 
     A conversation's queue is served by one worker at a time (so it stays in order, retries back off
-    in place); different conversations are served concurrently. The read loop reads a batch, claims
-    the idempotency markers of the whole batch (and writes the acks so far) in one Lua call, and
-    queues the deliveries; a worker sends without another round trip when the sink has no rate to
-    charge. Acks are batched (one Lua call for many).
+    in place); different conversations are served concurrently. The read loop reads a batch and
+    claims the idempotency markers of the whole batch in the same round trip (a pipeline: the acks so
+    far, XREADGROUP, then a Lua call claiming what it read), and queues the deliveries; a worker sends
+    without another round trip when the sink has no rate to charge. Acks are batched (one Lua call
+    for many) and ride on the next read when one comes within ``ACK_LINGER``.
     """
 
     def __init__(
@@ -183,7 +220,7 @@ class Runner:
             await self._drain()
 
     async def _read_loop(self) -> None:
-        start = "0"
+        start = last_read = "0"
         next_claim = time.monotonic() + min(30.0, self.cfg.claim_idle / 2)
         claim_cursor = "0-0"
         low = self._limit // 2
@@ -192,21 +229,25 @@ class Runner:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            entries = await self.bus.read_or_stop(
-                self._stopping,
-                self.stream, RUNNER_GROUP, self.instance,
-                count=min(self.batch, self._limit - len(self._inflight)),
-                block_ms=None if start != ">" else 1000, start=start,
-            )  # fmt: skip
-            if entries is None:
-                break
-            if start != ">":
+            count = min(self.batch, self._limit - len(self._inflight))
+            statuses: dict[str, str] | None = None
+            if start != ">":  # our own pending entries first (a previous life's), claimed in _admit
+                entries = await self.bus.read(
+                    self.stream, RUNNER_GROUP, self.instance, count=count, block_ms=None, start=start
+                )
                 if not entries:
                     start = ">"
                     continue
-                start = entries[-1][0]
+                start = last_read = entries[-1][0]
+            else:
+                got = await self._read_claiming(count, last_read)
+                if got is None:
+                    break
+                entries, statuses = got
+                if entries:
+                    last_read = entries[-1][0]
             if entries:
-                await self._admit(entries)
+                await self._admit(entries, statuses)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + min(30.0, self.cfg.claim_idle / 2)
                 claim_cursor = await self._reclaim(claim_cursor)
@@ -243,8 +284,50 @@ class Runner:
 
     # -- scheduling --------------------------------------------------------------------------------
 
-    async def _admit(self, entries: list[Entry]) -> None:
-        """Decode a batch, claim all its markers (with the acks so far) in one call, queue the rest."""
+    async def _read_claiming(self, count: int, last_read: str) -> tuple[list[Entry], dict[str, str]] | None:
+        """New entries and their markers claimed, in one round trip (None: stopped meanwhile).
+
+        One pipeline: the acks so far (_SYNC), the blocking XREADGROUP, then _CLAIM_READ claiming
+        the markers of what it read. Abandoned on stop: the acks go again (idempotent), and what was
+        read and claimed stays pending under our name for our next life.
+        """
+        batch, self._acks = self._acks, []
+        keys, args = self._sync_args(batch, [])
+
+        def before(pipe: Any) -> None:
+            if batch:
+                pipe.eval(_SYNC, len(keys), *keys, *args)
+
+        def after(pipe: Any) -> None:
+            pipe.eval(
+                _CLAIM_READ, 1, self.stream, RUNNER_GROUP, self.instance, last_read, count + 100,
+                self.owner, f"{self.instance}:", int(self.cfg.claim_idle * 1000),
+                self.keys.mark(self.cfg.name, ""),
+            )  # fmt: skip
+
+        try:
+            got = await self.bus.or_stop(
+                self._stopping,
+                self.bus.read_around(
+                    self.stream, RUNNER_GROUP, self.instance, count=count, block_ms=1000,
+                    before=before, after=after,
+                ),
+            )  # fmt: skip
+        except BaseException:
+            self._acks[:0] = batch
+            raise
+        if got is None:
+            self._acks[:0] = batch
+            return None
+        entries, results = got
+        pairs = [x.decode() if isinstance(x, bytes) else str(x) for x in results[-1]]
+        return entries, dict(zip(pairs[::2], pairs[1::2], strict=True))
+
+    async def _admit(self, entries: list[Entry], statuses: dict[str, str] | None = None) -> None:
+        """Decode a batch, claim all its markers (with the acks so far) in one call, queue the rest.
+
+        ``statuses``: the markers were claimed with the read (entry id → status; '' = not claimed).
+        """
         jobs: list[_Job] = []
         for eid, fields in entries:
             if eid in self._inflight:
@@ -259,15 +342,18 @@ class Runner:
         if not jobs:
             return
         mark = self.keys.mark
-        try:
-            statuses = await self._sync_call([mark(self.cfg.name, j.d.id) for j in jobs])
-        except UNAVAILABLE as e:  # the workers claim one by one, retrying until Redis is back
-            self.log.warning("runner.claim_failed", error=str(e))
-            statuses = [""] * len(jobs)
-            if self._acks:
-                self._ack_wake.set()
+        if statuses is not None:
+            claimed = [statuses.get(j.eid, "") for j in jobs]
+        else:
+            try:
+                claimed = await self._sync_call([mark(self.cfg.name, j.d.id) for j in jobs])
+            except UNAVAILABLE as e:  # the workers claim one by one, retrying until Redis is back
+                self.log.warning("runner.claim_failed", error=str(e))
+                claimed = [""] * len(jobs)
+                if self._acks:
+                    self._ack_wake.set()
         now = time.monotonic()
-        for job, status in zip(jobs, statuses, strict=True):
+        for job, status in zip(jobs, claimed, strict=True):
             if status == "ok":
                 job.claimed_at = now
             elif status.startswith("done:"):
@@ -471,18 +557,25 @@ class Runner:
         batch, self._acks = self._acks, []
         if not batch and not claim:
             return []
-        done = [(m, v) for _, m, v in batch if m is not None]
-        keys = [self.stream, *(m for m, _ in done), *claim]
-        args: list[Any] = [
-            RUNNER_GROUP, DONE_TTL, len(done), len(batch), self.owner, f"{self.instance}:",
-            int(self.cfg.claim_idle * 1000), *(v for _, v in done), *(b[0] for b in batch),
-        ]  # fmt: skip
+        keys, args = self._sync_args(batch, claim)
         try:
             res = await self._sync(keys=keys, args=args)
         except BaseException:
             self._acks[:0] = batch
             raise
         return [x.decode() if isinstance(x, bytes) else str(x) for x in res]
+
+    def _sync_args(
+        self, batch: list[tuple[str, str | None, str]], claim: list[str]
+    ) -> tuple[list[str], list[Any]]:
+        """_SYNC's keys and arguments: write the acks of ``batch``, claim the ``claim`` markers."""
+        done = [(m, v) for _, m, v in batch if m is not None]
+        keys = [self.stream, *(m for m, _ in done), *claim]
+        args: list[Any] = [
+            RUNNER_GROUP, DONE_TTL, len(done), len(batch), self.owner, f"{self.instance}:",
+            int(self.cfg.claim_idle * 1000), *(v for _, v in done), *(b[0] for b in batch),
+        ]  # fmt: skip
+        return keys, args
 
     # -- SendContext's backend ---------------------------------------------------------------------
 

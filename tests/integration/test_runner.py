@@ -167,3 +167,69 @@ async def test_a_crashing_sink_is_retried_not_lost(write_config: Any, start_daem
     sink.script = [ZeroDivisionError("bug in a sink")]
     await publish(d, "hello")
     await wait_for(lambda: len(sink.sent) == 1)
+
+
+async def test_the_read_claims_the_markers_of_what_it_read(
+    write_config: Any, start_daemon: Any, monkeypatch: Any
+) -> None:
+    """Entries written with their delivery id are claimed in the read's own round trip: the runner's
+    separate claim call is never used for them (only for acks)."""
+    from bridge.runner import Runner
+
+    claims: list[list[str]] = []
+    read: dict[str, str] = {}
+    original, original_read = Runner._sync_call, Runner._read_claiming
+
+    async def spy(self: Runner, claim: list[str]) -> list[str]:
+        claims.append(list(claim))
+        return await original(self, claim)
+
+    async def spy_read(self: Runner, count: int, last: str) -> Any:
+        got = await original_read(self, count, last)
+        if got is not None:
+            read.update(got[1])
+        return got
+
+    monkeypatch.setattr(Runner, "_sync_call", spy)
+    monkeypatch.setattr(Runner, "_read_claiming", spy_read)
+    d, sink = await start(write_config, start_daemon)
+    for i in range(5):
+        await publish(d, f"m{i}", conv=f"g{i}")
+    await wait_for(lambda: len(sink.sent) == 5)
+    await wait_for(lambda: _drained(d))
+    assert all(not c for c in claims)
+    assert len(read) == 5 and set(read.values()) == {"ok"}
+    for x in sink.sent:
+        assert await d.redis.get(d.bus.keys.mark("c", x.id)) == f"done:c{sink.sent.index(x) + 1}".encode()
+
+
+async def test_a_redelivered_entry_with_its_id_is_not_sent_twice(
+    write_config: Any, start_daemon: Any
+) -> None:
+    d, sink = await start(write_config, start_daemon)
+    await publish(d, "once")
+    await wait_for(lambda: len(sink.sent) == 1)
+    delivery = sink.sent[0]
+    for _ in range(2):
+        await d.redis.xadd(d.bus.keys.out("c"), {"d": encode(delivery), "i": delivery.id})
+    await wait_for(lambda: _drained(d))
+    await asyncio.sleep(0.2)
+    assert len(sink.sent) == 1
+
+
+async def test_a_delivery_another_live_instance_holds_waits_for_it(
+    write_config: Any, start_daemon: Any
+) -> None:
+    """The read's claim finds the marker held by another instance (busy): nothing is sent until that
+    claim lapses, then exactly once."""
+    d, sink = await start(write_config, start_daemon)
+    env = make_envelope("in", Conversation("g9"), "held elsewhere")
+    x = Delivery(f"d-held-{env.id}", "c", env)
+    await d.redis.set(d.bus.keys.mark("c", x.id), "other-instance:abc", px=600)
+    t0 = asyncio.get_running_loop().time()
+    await d.redis.xadd(d.bus.keys.out("c"), {"d": encode(x), "i": x.id})
+    await wait_for(lambda: len(sink.sent) == 1)
+    assert asyncio.get_running_loop().time() - t0 >= 0.5
+    await wait_for(lambda: _drained(d))
+    await asyncio.sleep(0.2)
+    assert len(sink.sent) == 1
