@@ -36,8 +36,9 @@ fi
 export REDIS_SERVER
 STARTED_REDIS=""
 if [ -z "${WB_TEST_REDIS_URL:-}" ]; then
-  if redis_ping "redis://127.0.0.1:6379/0"; then
-    export WB_TEST_REDIS_URL="redis://127.0.0.1:6379/0"
+  # database 9: the benchmarks use 0, and each test's teardown scans its database for the test's keys
+  if redis_ping "redis://127.0.0.1:6379/9"; then
+    export WB_TEST_REDIS_URL="redis://127.0.0.1:6379/9"
   else
     port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     rdir=$(mktemp -d)

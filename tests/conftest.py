@@ -1,6 +1,7 @@
 """Shared fixtures: a real Redis (never fakeredis), unique key prefixes, a daemon in-process.
 
-The Redis comes from ``WB_TEST_REDIS_URL`` (set by scripts/test.sh), else redis://127.0.0.1:6379/0.
+The Redis comes from ``WB_TEST_REDIS_URL`` (set by scripts/test.sh), else redis://127.0.0.1:6379/9
+(database 9: the benchmarks use 0).
 Each test gets its own key prefix, so tests never see each other's keys and leave none behind.
 """
 
@@ -23,7 +24,7 @@ from bridge.config import Config, load
 from bridge.daemon import Daemon
 from bridge.envelope import Delivery
 
-REDIS_URL = os.environ.get("WB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("WB_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 blog.setup("debug", "console")
 
