@@ -104,7 +104,11 @@ def write_config(tmp_path: Path, prefix: str) -> Callable[..., Config]:
 
 
 @pytest.fixture
-async def start_daemon(registry: Registry) -> AsyncIterator[Callable[[Config], Awaitable[Daemon]]]:
+async def start_daemon(
+    registry: Registry, redis: Any
+) -> AsyncIterator[Callable[[Config], Awaitable[Daemon]]]:
+    """Start daemons; stop them at the end — before ``redis`` (set up first, torn down last) deletes
+    the test's keys, so nothing a daemon writes while stopping is left behind."""
     started: list[Daemon] = []
 
     async def start(cfg: Config) -> Daemon:
