@@ -224,14 +224,7 @@ def _parse_flat(data: bytes) -> dict[str, Any] | None:
     match = _LEAF.match
     while (m := match(s, pos)) is not None:
         name, cdata, text = m.groups()
-        value = text if cdata is None else cdata
-        prev = out.get(name)
-        if prev is None:
-            out[name] = value
-        elif isinstance(prev, list):
-            prev.append(value)
-        else:
-            out[name] = [prev, value]
+        _put(out, name, text if cdata is None else cdata)
         pos = m.end()
     return out if _FLAT_END.fullmatch(s, pos) is not None else None
 
@@ -257,13 +250,7 @@ def _parse_expat(data: bytes, what: str) -> dict[str, Any]:
         siblings = parent[1]
         if siblings is None:
             siblings = parent[1] = {}
-        prev = siblings.get(tag, _ABSENT)
-        if prev is _ABSENT:
-            siblings[tag] = value
-        elif isinstance(prev, list):
-            prev.append(value)
-        else:
-            siblings[tag] = [prev, value]
+        _put(siblings, tag, value)
 
     def chars(text: str) -> None:
         if stack:
@@ -292,7 +279,15 @@ def _parse_expat(data: bytes, what: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-_ABSENT = object()
+def _put(out: dict[str, Any], tag: str, value: Any) -> None:
+    """``out[tag] = value``; a repeated tag becomes the list of its values, in order."""
+    prev = out.get(tag)
+    if prev is None:  # values are strings, dicts or lists, never None
+        out[tag] = value
+    elif isinstance(prev, list):
+        prev.append(value)
+    else:
+        out[tag] = [prev, value]
 
 
 def parse_json_object(data: bytes, what: str) -> dict[str, Any]:

@@ -292,18 +292,22 @@ class Bus:
         to their sinks' streams, in order, one Lua call per sink) and ``ack`` (XACK of those ids).
         It is one pipeline: Redis applies the writes and the XACK at once, even while the read then
         blocks; an error in any of them raises after the read returned."""
-        if ack or write:
-            pipe: Any = self.redis.pipeline(transaction=False)
+        if not (ack or write):
+            return self._entries(
+                await self.redis.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
+            )
+
+        def before(pipe: Any) -> None:
             for sink, payloads in self._by_sink(write).items():
                 # EVAL, not EVALSHA: a pipeline cannot reload a script Redis lost (a restart)
                 pipe.eval(_ADD_MANY, 1, self.keys.out(sink), self.maxlen, *payloads)
             if ack:
                 pipe.xack(stream, group, *ack)
-            pipe.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
-            res = (await pipe.execute())[-1]
-        else:
-            res = await self.redis.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
-        return self._entries(res)
+
+        entries, _ = await self.read_around(
+            stream, group, consumer, count=count, block_ms=block_ms, start=start, before=before
+        )
+        return entries
 
     @staticmethod
     def _entries(res: Any) -> list[Entry]:
@@ -317,26 +321,6 @@ class Bus:
                 out.append((eid.decode() if isinstance(eid, bytes) else eid, fields))
         return out
 
-    async def read_or_stop(
-        self,
-        stop: asyncio.Event,
-        stream: str,
-        group: str,
-        consumer: str,
-        *,
-        count: int,
-        block_ms: int | None,
-        start: str = ">",
-        ack: Sequence[str] = (),
-        write: Sequence[Delivery] = (),
-    ) -> list[Entry] | None:
-        """:meth:`read`, abandoned as soon as ``stop`` is set: then None, and whether ``write`` and
-        ``ack`` were applied is unknown (write and ack again: deliveries dedupe, XACK is idempotent)."""
-        kw: dict[str, Any] = {"count": count, "start": start, "ack": ack, "write": write}
-        if block_ms is None:
-            return await self.read(stream, group, consumer, block_ms=None, **kw)
-        return await self.or_stop(stop, self.read(stream, group, consumer, block_ms=block_ms, **kw))
-
     async def read_around(
         self,
         stream: str,
@@ -345,22 +329,28 @@ class Bus:
         *,
         count: int,
         block_ms: int | None,
-        before: Callable[[Any], None],
-        after: Callable[[Any], None],
+        start: str = ">",
+        before: Callable[[Any], None] | None = None,
+        after: Callable[[Any], None] | None = None,
     ) -> tuple[list[Entry], list[Any]]:
-        """XREADGROUP ``>`` in one pipeline between the commands ``before(pipe)`` and ``after(pipe)``
-        add: one round trip. Redis runs them in order — ``after``'s once the read has returned, even
-        after it blocked. Returns the entries and the other commands' results, in order."""
+        """XREADGROUP in one pipeline between the commands ``before(pipe)`` and ``after(pipe)`` add:
+        one round trip. Redis runs them in order — ``before``'s at once, even while the read then
+        blocks, ``after``'s once it has returned; an error in any raises after the read returned.
+        Returns the entries and the other commands' results, in order."""
         pipe: Any = self.redis.pipeline(transaction=False)
-        before(pipe)
+        if before is not None:
+            before(pipe)
         n = len(pipe.command_stack)
-        pipe.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
-        after(pipe)
+        pipe.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
+        if after is not None:
+            after(pipe)
         res = await pipe.execute()
         return self._entries(res[n]), res[:n] + res[n + 1 :]
 
     async def or_stop(self, stop: asyncio.Event, call: Awaitable[T]) -> T | None:
-        """``call``, abandoned as soon as ``stop`` is set (then None)."""
+        """``call`` (a read), abandoned as soon as ``stop`` is set: then None, and whether the writes and
+        acks that went with the read were applied is unknown (write and ack again: deliveries dedupe,
+        XACK is idempotent)."""
         read = asyncio.ensure_future(call)
         stopped = asyncio.ensure_future(stop.wait())
         try:

@@ -67,10 +67,10 @@ def _stamp(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMappi
 
 
 def _exc_info(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    return _format_exc_info(logger, method, event) if "exc_info" in event else event
-
-
-_format_exc_info = structlog.processors.format_exc_info
+    """structlog's format_exc_info, skipped (its cost too) for the lines without ``exc_info``."""
+    if "exc_info" not in event:
+        return event
+    return structlog.processors.format_exc_info(logger, method, event)
 
 
 class _Stderr:

@@ -108,17 +108,12 @@ class Router:
         out: list[Delivery] = []
         try:
             while not self._stopping.is_set():
-                entries = await self.bus.read_or_stop(
-                    self._stopping,
-                    stream,
-                    ROUTER_GROUP,
-                    self.consumer,
-                    count=self.batch,
-                    block_ms=None if start != ">" else 1000,
-                    start=start,
-                    ack=acks,
-                    write=out,
-                )
+                read = self.bus.read(
+                    stream, ROUTER_GROUP, self.consumer, count=self.batch,
+                    block_ms=1000 if start == ">" else None, start=start, ack=acks, write=out,
+                )  # fmt: skip
+                # a blocking read is abandoned when we stop; our own pending entries are read whole
+                entries = await (self.bus.or_stop(self._stopping, read) if start == ">" else read)
                 if entries is None:  # stopped mid-read: the writes and acks are written again below
                     break
                 self.routed += len(out)

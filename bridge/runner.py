@@ -59,13 +59,27 @@ return {'ok', '0'}
 """
 )
 
+# Claim one marker for ``owner`` (the same decision as _CLAIM's): its 'done:<remote id>' value when it
+# was sent, 'busy' when another live instance holds it, else 'ok' — then it is ours for ``ttl`` ms.
+_CLAIM_ONE = """
+local function claim(mk, owner, prefix, ttl)
+  local v = redis.call('GET', mk)
+  if v and string.sub(v, 1, 5) == 'done:' then return v end
+  if v and v ~= owner and string.sub(v, 1, #prefix) ~= prefix then return 'busy' end
+  redis.call('SET', mk, owner, 'PX', ttl)
+  return 'ok'
+end
+"""
+
 # One round trip for a batch of bookkeeping: set done markers, ack entries, claim markers.
 # KEYS[1] the sink's stream, KEYS[2 .. 1+nd] markers to set done, KEYS[2+nd ..] markers to claim.
 # ARGV[1] group, ARGV[2] done ttl s, ARGV[3] nd, ARGV[4] na (ids to ack), ARGV[5] owner,
 # ARGV[6] owner's instance prefix ("inst:"), ARGV[7] claim ttl ms, then nd done values, then na ids.
 # Returns, per marker to claim: 'ok' (now ours), 'busy' (another live instance holds it) or its
 # 'done:<remote id>' value. The claim is _CLAIM's without charging the rates.
-_SYNC = """
+_SYNC = (
+    _CLAIM_ONE
+    + """
 local nd, na = tonumber(ARGV[3]), tonumber(ARGV[4])
 local owner, prefix = ARGV[5], ARGV[6]
 for i = 1, nd do
@@ -80,18 +94,11 @@ while i < na do
 end
 local out = {}
 for k = 2 + nd, #KEYS do
-  local v = redis.call('GET', KEYS[k])
-  if v and string.sub(v, 1, 5) == 'done:' then
-    out[#out + 1] = v
-  elseif v and v ~= owner and string.sub(v, 1, #prefix) ~= prefix then
-    out[#out + 1] = 'busy'
-  else
-    redis.call('SET', KEYS[k], owner, 'PX', ARGV[7])
-    out[#out + 1] = 'ok'
-  end
+  out[#out + 1] = claim(KEYS[k], owner, prefix, ARGV[7])
 end
 return out
 """
+)
 
 # Run in the read's pipeline, just after its XREADGROUP: claims the markers of the entries that read
 # gave us, found as this consumer's pending entries newer than the last one read before.
@@ -100,8 +107,9 @@ return out
 # ARGV[8] the markers' key prefix (under the sink's hash tag: the same slot as KEYS[1]).
 # Returns (entry id, status) pairs; status as _SYNC's, or '' for an entry without its delivery id
 # (written by an older version: its worker claims it alone, as before).
-_CLAIM_READ = """
-local owner, prefix = ARGV[5], ARGV[6]
+_CLAIM_READ = (
+    _CLAIM_ONE
+    + """
 local out = {}
 for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+', ARGV[4], ARGV[2])) do
   local id, st = p[1], ''
@@ -109,18 +117,7 @@ for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+',
   if e then
     local f = e[2]
     for i = 1, #f, 2 do
-      if f[i] == 'i' then
-        local mk = ARGV[8] .. f[i + 1]
-        local v = redis.call('GET', mk)
-        if v and string.sub(v, 1, 5) == 'done:' then
-          st = v
-        elseif v and v ~= owner and string.sub(v, 1, #prefix) ~= prefix then
-          st = 'busy'
-        else
-          redis.call('SET', mk, owner, 'PX', ARGV[7])
-          st = 'ok'
-        end
-      end
+      if f[i] == 'i' then st = claim(ARGV[8] .. f[i + 1], ARGV[5], ARGV[6], ARGV[7]) end
     end
   end
   out[#out + 1] = id
@@ -128,6 +125,7 @@ for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+',
 end
 return out
 """
+)
 
 DONE_TTL = 7 * 86_400
 #: acks (done markers + XACK) wait this long to be written together, in one round trip. It widens
@@ -178,6 +176,7 @@ class Runner:
         self.instance = instance
         self.owner = f"{instance}:{uuid.uuid4().hex[:12]}"
         self.stream = bus.keys.out(cfg.name)
+        self._mark_prefix = bus.keys.mark(cfg.name, "")  # + a delivery id: its marker
         self.batch = batch
         self.shutdown_timeout = shutdown_timeout
         self.log = blog.get("runner", sink=cfg.name)
@@ -292,17 +291,16 @@ class Runner:
         read and claimed stays pending under our name for our next life.
         """
         batch, self._acks = self._acks, []
-        keys, args = self._sync_args(batch, [])
 
         def before(pipe: Any) -> None:
             if batch:
+                keys, args = self._sync_args(batch, [])
                 pipe.eval(_SYNC, len(keys), *keys, *args)
 
         def after(pipe: Any) -> None:
             pipe.eval(
                 _CLAIM_READ, 1, self.stream, RUNNER_GROUP, self.instance, last_read, count + 100,
-                self.owner, f"{self.instance}:", int(self.cfg.claim_idle * 1000),
-                self.keys.mark(self.cfg.name, ""),
+                self.owner, f"{self.instance}:", int(self.cfg.claim_idle * 1000), self._mark_prefix,
             )  # fmt: skip
 
         try:
