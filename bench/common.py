@@ -177,15 +177,12 @@ def post_json(url: str, body: Any = None, timeout: float = 10.0) -> Any:
         return json.loads(resp.read())
 
 
-def _cpu_ticks() -> tuple[int, int]:
+def _cpu_ticks() -> tuple[int, int, int]:
+    """All cores since boot, from /proc/stat: (busy, total, steal) ticks; ``steal`` is time the host
+    gave our virtual cores to someone else (counted in busy too)."""
     f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = f[3] + f[4]  # idle + iowait
-    return sum(f[:8]) - idle, sum(f[:8])
-
-
-def _steal_ticks() -> int:
-    """CPU time the hypervisor gave our virtual cores to someone else (/proc/stat ``steal``)."""
-    return int(Path("/proc/stat").read_text().splitlines()[0].split()[8])
+    return sum(f[:8]) - idle, sum(f[:8]), f[7]
 
 
 class MachineLoad:
@@ -198,19 +195,18 @@ class MachineLoad:
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self.t0 = time.monotonic()
-        self.s0 = _steal_ticks()
-        self.b0, self.n0 = _cpu_ticks()
+        self.b0, self.n0, self.s0 = _cpu_ticks()
         self.c0 = {p: _safe_cpu(p) for p in self.pids}
         #: CPU seconds of processes that came and went during the phase (a load generator)
         self.extra = 0.0
 
     def done(self) -> dict[str, float]:
-        b1, n1 = _cpu_ticks()
+        b1, n1, s1 = _cpu_ticks()
         wall = time.monotonic() - self.t0
         ncpu = os.cpu_count() or 1
         busy = (b1 - self.b0) / max(n1 - self.n0, 1)
         ours = (sum(_safe_cpu(p) - c for p, c in self.c0.items()) + self.extra) / max(wall * ncpu, 1e-9)
-        steal = (_steal_ticks() - self.s0) / max(n1 - self.n0, 1)
+        steal = (s1 - self.s0) / max(n1 - self.n0, 1)
         return {
             "machine_busy": round(busy, 3),
             "ours": round(ours, 3),
@@ -228,9 +224,9 @@ def _safe_cpu(pid: int) -> float:
 
 def machine_busy(seconds: float = 1.0) -> float:
     """Share of all cores busy over ``seconds`` (0..1), whoever keeps them busy."""
-    b0, t0 = _cpu_ticks()
+    b0, t0, _ = _cpu_ticks()
     time.sleep(seconds)
-    b1, t1 = _cpu_ticks()
+    b1, t1, _ = _cpu_ticks()
     return (b1 - b0) / max(t1 - t0, 1)
 
 
@@ -248,6 +244,19 @@ def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_counting_cpu(p: subprocess.Popen[Any], timeout: float) -> float:
+    """Wait for ``p`` to exit; its CPU seconds, read while it lives (gone from /proc once reaped)."""
+    cpu = 0.0
+    while p.poll() is None:
+        try:
+            cpu = proc_cpu_seconds(p.pid)
+        except OSError:
+            break
+        time.sleep(0.2)
+    p.wait(timeout)
+    return cpu
 
 
 def proc_cpu_split(pid: int) -> tuple[float, float]:

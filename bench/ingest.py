@@ -51,6 +51,7 @@ from bench.common import (
     redis_cpu_seconds,
     redis_pid,
     save_json,
+    wait_counting_cpu,
     wait_http,
     wait_quiet,
     write_config,
@@ -135,14 +136,7 @@ def run_loadgen(
     p = procs.start("loadgen", [PY, "-m", "bench.loadgen", "--port", str(port), "--requests", str(reqfile),
                                 "--rate", f"{rate:.1f}", "--seconds", str(seconds),
                                 "--connections", str(conns)], log=log)  # fmt: skip
-    cpu = 0.0
-    while p.poll() is None:  # the generator's own CPU, read while it lives
-        try:
-            cpu = proc_cpu_seconds(p.pid)
-        except OSError:
-            break
-        time.sleep(0.2)
-    p.wait(seconds + 120)
+    cpu = wait_counting_cpu(p, seconds + 120)  # the generator's own CPU
     if load is not None:
         load.extra += cpu
     line = next((x for x in log.read_text().splitlines() if x.startswith("LOADGEN_JSON ")), None)

@@ -47,6 +47,7 @@ from bench.common import (
     redis_cpu_seconds,
     redis_pid,
     save_json,
+    wait_counting_cpu,
     wait_http,
     wait_quiet,
     write_config,
@@ -301,15 +302,7 @@ def live(
             [PY, "-m", "bench.producer", "--redis-url", a.redis_url, "--prefix", prefix,
              "--rate", str(rate), "--seconds", str(seconds)],
         )  # fmt: skip
-        pcpu = 0.0
-        while prod.poll() is None:  # the producer's own CPU, read while it lives
-            try:
-                pcpu = proc_cpu_seconds(prod.pid)
-            except OSError:
-                break
-            time.sleep(0.2)
-        prod.wait(seconds + 120)
-        load.extra += pcpu
+        load.extra += wait_counting_cpu(prod, seconds + 120)  # the producer's own CPU
         n = int(rate * seconds)
         rcv = receiver.wait_count(n, timeout=120, idle_timeout=10)
         cpu = {"relay": side.cpu(), "redis": redis_cpu_seconds(a.redis_url) - rc0,
