@@ -14,6 +14,7 @@ every key one script touches lives in one slot):
 ``P:{dead}``                          stream: dead letters with the reason
 ``P:{state}:<adapter>:<key>``         small adapter state (tokens, cursors)
 ``P:{draft}:<envelope>``              the reply to an envelope so far (streamed answers), short TTL
+``P:{lease:<name>}``                  a fenced lease ``<owner>|<fence>`` (``…:fence``: its counter)
 ====================================  =========================================================
 
 Consumer groups: ``router`` on the inbound stream, ``runner`` on each out stream; consumer names are
@@ -166,6 +167,10 @@ class Keys:
 
     def state(self, adapter: str, key: str) -> str:
         return f"{self.prefix}:{{state}}:{adapter}:{key}"
+
+    def lease(self, name: str) -> str:
+        """A fenced lease (``bridge.lease``); its fence counter is ``lease(name) + ":fence"``."""
+        return f"{self.prefix}:{{lease:{name}}}"
 
     def draft(self, envelope_id: str) -> str:
         return f"{self.prefix}:{{draft}}:{envelope_id}"
