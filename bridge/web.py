@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge import logging as blog
-from bridge.bus import UNAVAILABLE, BusUnavailable
+from bridge.bus import UNAVAILABLE
+from bridge.errors import BusUnavailable
 
 if TYPE_CHECKING:
     from bridge.daemon import Daemon
