@@ -33,8 +33,9 @@ Undo = Callable[[], Awaitable[object]]
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when it is installed (``pip install 'wechat-bridge[uvloop]'``), else on
-    asyncio's own loop. uvloop takes about a third less CPU per message on the relay and ingest paths
-    (bench/RESULTS.md). ``WECHAT_BRIDGE_LOOP=asyncio`` forces asyncio's loop, ``=uvloop`` requires uvloop.
+    asyncio's own loop: uvloop spends less CPU per message on the relay and ingest paths (figures in
+    bench/RESULTS.md). ``WECHAT_BRIDGE_LOOP=asyncio`` forces asyncio's loop (the reference: every test
+    runs on it), ``=uvloop`` requires uvloop.
     """
     choice = os.environ.get("WECHAT_BRIDGE_LOOP", "auto").strip().lower() or "auto"
     if choice not in ("auto", "asyncio", "uvloop"):
