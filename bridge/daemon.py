@@ -329,6 +329,10 @@ class Daemon:
         wd = os.environ.get("WATCHDOG_USEC")
         if wd and wd.isdigit():
             self.supervisor.spawn("watchdog", lambda: self._watchdog(int(wd) / 2e6))
+            self.lifecycle.on_stop("watchdog", self._stop_watchdog)
+
+    async def _stop_watchdog(self) -> None:
+        self.supervisor.cancel("watchdog")
 
     async def _freeze_gc(self) -> None:
         """What start-up made (modules, config, clients) lives as long as the daemon: freeze it out of
@@ -390,7 +394,7 @@ class Daemon:
             await asyncio.sleep(every)
 
     async def stop(self) -> None:
-        self.supervisor.cancel("watchdog")
+        self.supervisor.cancel("watchdog")  # first: no WATCHDOG=1 after STOPPING=1
         sd_notify("STOPPING=1")
         log.info("daemon.stopping")
         await self.lifecycle.stop()

@@ -3,6 +3,8 @@ names it; a stop undoes them all; the web app sees the daemon only through its s
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from typing import Any
 
 import aiohttp
@@ -10,7 +12,7 @@ import pytest
 import structlog
 
 from bridge.adapter import Registry, SendContext, Sink
-from bridge.daemon import Daemon, Lifecycle, Step, Supervisor
+from bridge.daemon import Daemon, Lifecycle, Step, Supervisor, run_loop
 from bridge.envelope import Conversation, Delivery, make_envelope
 from bridge.errors import ConfigError, PermanentError
 from bridge.web import Counters, build_app, render_metrics
@@ -232,3 +234,40 @@ async def test_the_daemon_reports_its_counters(write_config: Any, start_daemon: 
     assert d.bus is not None
     await d.bus.publish(make_envelope("hook", Conversation("g1"), "x"))
     await wait_for(lambda: d.counters().dead["a"] == 1 and d.counters().routed == 1)
+
+
+async def test_gc_freeze_is_a_step_that_can_be_turned_off(
+    write_config: Any, start_daemon: Any, monkeypatch: Any
+) -> None:
+    d = await start_daemon(write_config(TWO_SINKS.replace('"recording"', '"collect"')))
+    assert d.lifecycle.pending[0] == "unfreeze_gc" and gc.get_freeze_count() > 0
+    await d.stop()
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setenv("WECHAT_BRIDGE_GC_FREEZE", "0")
+    d = await start_daemon(write_config(TWO_SINKS.replace('"recording"', '"collect"'), name="b.toml"))
+    assert "unfreeze_gc" not in d.lifecycle.pending and gc.get_freeze_count() == 0
+
+
+def test_run_loop_picks_the_loop_the_environment_asks_for(monkeypatch: Any) -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    monkeypatch.setenv("WECHAT_BRIDGE_LOOP", "asyncio")
+    assert run_loop(loop_module()) == "asyncio"
+    monkeypatch.setenv("WECHAT_BRIDGE_LOOP", "tokio")
+    coro = loop_module()
+    with pytest.raises(ValueError, match="WECHAT_BRIDGE_LOOP='tokio'"):
+        run_loop(coro)
+    coro.close()
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        monkeypatch.setenv("WECHAT_BRIDGE_LOOP", "uvloop")
+        coro = loop_module()
+        with pytest.raises(ImportError):
+            run_loop(coro)
+        coro.close()
+    else:
+        for choice in ("uvloop", "auto"):
+            monkeypatch.setenv("WECHAT_BRIDGE_LOOP", choice)
+            assert run_loop(loop_module()) == "uvloop"
