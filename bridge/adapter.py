@@ -1,4 +1,4 @@
-"""The two adapter protocols (Source, Sink), their errors, and the registry.
+"""The two adapter protocols (Source, Sink) and the registry (their errors: bridge.errors).
 
 A **Source** turns a platform's traffic into envelopes: it declares HTTP routes into the daemon's one
 aiohttp app, or runs one long-lived task the daemon supervises, or both. It publishes through
@@ -22,23 +22,9 @@ from aiohttp import web
 
 from bridge import logging as blog
 from bridge.bus import Bus
-from bridge.config import Config, ConfigError, Rate, convert
+from bridge.config import Config, Rate, convert
 from bridge.envelope import Delivery, Envelope
-
-
-class SendError(Exception):
-    """Base of the errors a sink raises. The message becomes the dead letter's reason: make it say
-    what to fix, and never put a secret in it."""
-
-
-class RetryableError(SendError):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PermanentError(SendError):
-    pass
+from bridge.errors import ConfigError
 
 
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):

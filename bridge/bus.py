@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.envelope import Delivery, Envelope, encode
+from bridge.errors import BusUnavailable
 
 T = TypeVar("T")
 
@@ -90,10 +91,6 @@ def _hiredis_packing(cls: type) -> type:
 
         _PACKING[cls] = type(f"HiredisPacking{cls.__name__}", (cls,), {"pack_command": pack})
     return _PACKING[cls]
-
-
-class BusUnavailable(Exception):
-    """Redis did not take the write; nothing was accepted."""
 
 
 _PUBLISH = """

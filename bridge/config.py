@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bridge.errors import ConfigError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PLACEHOLDER_RE = re.compile(r"CHANGE_?ME|REPLACE_?ME|<your[ _-]", re.IGNORECASE)
@@ -27,10 +29,6 @@ _PERIODS = {
     "h": 3600.0, "hour": 3600.0, "hours": 3600.0,
     "d": 86400.0, "day": 86400.0, "days": 86400.0,
 }  # fmt: skip
-
-
-class ConfigError(Exception):
-    """A configuration problem a person can act on: file, key, what is wrong."""
 
 
 class Secret:

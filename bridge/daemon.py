@@ -8,7 +8,8 @@ import gc
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -19,19 +20,22 @@ from bridge.adapter import Context, Registry, Sink, Source
 from bridge.bus import UNAVAILABLE, Bus, Keys, connect
 from bridge.config import Config
 from bridge.embedded_redis import EmbeddedRedis
+from bridge.errors import ConfigError
 from bridge.router import Router
 from bridge.runner import Runner
-from bridge.web import build_app
+from bridge.web import Counters, build_app
 
 log = blog.get("daemon")
 
 T = TypeVar("T")
+Undo = Callable[[], Awaitable[object]]
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when it is installed (``pip install 'wechat-bridge[uvloop]'``), else on
-    asyncio's own loop. uvloop takes about a third less CPU per message on the relay and ingest paths
-    (bench/RESULTS.md). ``WECHAT_BRIDGE_LOOP=asyncio`` forces asyncio's loop, ``=uvloop`` requires uvloop.
+    asyncio's own loop: uvloop spends less CPU per message on the relay and ingest paths (figures in
+    bench/RESULTS.md). ``WECHAT_BRIDGE_LOOP=asyncio`` forces asyncio's loop (the reference: every test
+    runs on it), ``=uvloop`` requires uvloop.
     """
     choice = os.environ.get("WECHAT_BRIDGE_LOOP", "auto").strip().lower() or "auto"
     if choice not in ("auto", "asyncio", "uvloop"):
@@ -67,8 +71,22 @@ def sd_notify(message: str) -> bool:
         return False
 
 
+def _bound_port(runner: web.AppRunner, configured: int) -> int:
+    """The port the server listens on (``configured`` may be 0: any free port)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return configured
+
+
+async def _unfreeze_gc() -> None:
+    gc.unfreeze()
+
+
 class Supervisor:
-    """Starts background tasks, keeps references, restarts a crashed one with backoff."""
+    """The one way the daemon starts a background task: it keeps a reference (a task nobody holds
+    may be collected mid-flight), logs a crash with the task's name and count, restarts it with
+    back-off, and stops them all."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -93,7 +111,7 @@ class Supervisor:
                 log.warning("task.redis_unavailable", task=name, error=str(e), retry_in=delay)
             except Exception:
                 self.crashes[name] = self.crashes.get(name, 0) + 1
-                log.exception("task.crashed", task=name, restart_in=delay)
+                log.exception("task.crashed", task=name, crashes=self.crashes[name], restart_in=delay)
             if self.stopping or not restart:
                 return
             with contextlib.suppress(TimeoutError):
@@ -119,7 +137,65 @@ class Supervisor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One named piece of start-up. ``run`` does it and registers, with :meth:`Lifecycle.on_stop`,
+    how to undo what it made, as soon as it made it."""
+
+    name: str
+    run: Callable[[], Awaitable[None]]
+
+
+class Lifecycle:
+    """Runs start-up steps in order and their undos in reverse (mautrix's startup and shutdown
+    actions, as one list): when step k fails, what steps 1..k registered is undone, last first, and
+    the error goes on; :meth:`stop` undoes everything. An undo that fails is logged and the others
+    still run: a stop always finishes."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, str, Undo]] = []  # (step, what, action)
+        self._step = ""
+
+    def on_stop(self, what: str, action: Undo) -> None:
+        """Register ``action`` to run at stop (or when a later step fails), before those already
+        registered."""
+        self._undo.append((self._step, what, action))
+
+    @property
+    def pending(self) -> list[str]:
+        """What a stop would undo, in the order it would (for status and tests)."""
+        return [what for _, what, _ in reversed(self._undo)]
+
+    async def start(self, steps: Iterable[Step]) -> None:
+        for step in steps:
+            self._step = step.name
+            try:
+                await step.run()
+            except BaseException as e:
+                if isinstance(e, ConfigError):  # the message says it all; no traceback
+                    log.error("daemon.step_failed", step=step.name, error=str(e))
+                else:
+                    log.error("daemon.step_failed", step=step.name, error=type(e).__name__, exc_info=True)
+                await self.stop()
+                raise
+            log.debug("daemon.step_done", step=step.name)
+        self._step = ""
+
+    async def stop(self) -> None:
+        while self._undo:
+            step, what, action = self._undo.pop()
+            log.debug("daemon.undo", what=what, step=step)
+            try:
+                await action()
+            except Exception:
+                log.exception("daemon.shutdown_step_failed", step=what, started_by=step)
+
+
 class Daemon:
+    """The bridge in one process. Start-up is :meth:`steps`, run in order by a :class:`Lifecycle`;
+    a new long-running piece is one more step (start it with ``self.supervisor.spawn``, which also
+    stops it) or a source with ``long_running = True``."""
+
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry or Registry.from_module()
@@ -132,30 +208,53 @@ class Daemon:
         self.runners: dict[str, Runner] = {}
         self.router: Router | None = None
         self.supervisor = Supervisor()
+        self.lifecycle = Lifecycle()
         self.http_session: aiohttp.ClientSession | None = None
         self.app_runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         self.port: int | None = None
-        self._shutdown: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        self._options: dict[str, Any] = {}
         self._stop_requested = asyncio.Event()
 
-    # -- start-up: each step registers its own undo, run in reverse at stop --------------------------
+    # -- start-up: small named steps, each registering its own undo ----------------------------------
+
+    def steps(self) -> list[Step]:
+        return [
+            Step("validate_config", self._validate_config),
+            Step("data_dir", self._make_data_dir),
+            Step("redis", self._connect_redis),
+            Step("adapters", self._start_adapters),
+            Step("http_client", self._own_http_client),
+            Step("workers", self._start_workers),
+            Step("web", self._serve_http),
+            Step("watchdog", self._start_watchdog),
+            Step("freeze_gc", self._freeze_gc),
+            Step("ready", self._announce_ready),
+        ]
 
     async def start(self) -> None:
-        cfg = self.config
-        options = self.registry.validate(cfg)
-        data_dir = cfg.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log.info("daemon.starting", instance=self.instance, config=str(cfg.path), data_dir=str(data_dir))
+        await self.lifecycle.start(self.steps())
 
+    async def _validate_config(self) -> None:
+        self._options = self.registry.validate(self.config)
+
+    async def _make_data_dir(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        log.info("daemon.starting", instance=self.instance, config=str(cfg.path), data_dir=str(cfg.data_dir))
+
+    async def _connect_redis(self) -> None:
+        """The embedded Redis when no url is set, the client, the bus. An unreachable Redis does not
+        stop the start: /readyz says so and the tasks retry until it answers."""
+        cfg = self.config
         url = cfg.redis.url
         if url is None:
-            self.embedded = EmbeddedRedis(data_dir)
+            self.embedded = EmbeddedRedis(cfg.data_dir)
             await self.embedded.start()
-            self._shutdown.append(("embedded_redis", self.embedded.stop))
+            self.lifecycle.on_stop("embedded_redis", self.embedded.stop)
             url = self.embedded.url
         self.redis = connect(url, cfg.redis.socket_timeout)
-        self._shutdown.append(("redis", self.redis.aclose))
+        self.lifecycle.on_stop("redis", self.redis.aclose)
         self.bus = Bus(
             self.redis,
             Keys(cfg.redis.prefix),
@@ -166,34 +265,44 @@ class Daemon:
         try:
             await self.redis.ping()
             await self._check_persistence()
-        except UNAVAILABLE as e:  # start anyway: /readyz says so and tasks retry until it answers
+        except UNAVAILABLE as e:
             log.warning("daemon.redis_unavailable", error=str(e))
 
+    async def _start_adapters(self) -> None:
+        cfg = self.config
+        assert self.bus is not None
         ctx = Context(
             config=cfg,
             bus=self.bus,
             redis=self.redis,
             instance=self.instance,
-            data_dir=data_dir,
+            data_dir=cfg.data_dir,
             http=self._http,
         )
         for i in cfg.inbound:
             scls = self.registry.source(i.type, f"inbound.{i.name}", cfg.path)
-            self.sources[i.name] = scls(i.name, options[i.name], ctx)
+            self.sources[i.name] = scls(i.name, self._options[i.name], ctx)
         for o in cfg.outbound:
             kcls = self.registry.sink(o.type, f"outbound.{o.name}", cfg.path)
-            self.sinks[o.name] = kcls(o.name, options[o.name], ctx)
+            self.sinks[o.name] = kcls(o.name, self._options[o.name], ctx)
         for name, adapter in [*self.sinks.items(), *self.sources.items()]:
             await adapter.start()
-            self._shutdown.append((f"adapter:{name}", adapter.close))
-        self._shutdown.append(("http_client", self._close_http))
+            self.lifecycle.on_stop(f"adapter:{name}", adapter.close)
 
+    async def _own_http_client(self) -> None:
+        """The adapters' shared HTTP client is made on first use; closed at stop, before them."""
+        self.lifecycle.on_stop("http_client", self._close_http)
+
+    async def _start_workers(self) -> None:
+        """The router and one runner per sink, as supervised tasks; and the long-running sources."""
+        cfg = self.config
+        assert self.bus is not None
         self.router = Router(cfg, self.bus, self.instance)
         for o in cfg.outbound:
             self.runners[o.name] = Runner(
                 self.sinks[o.name], o, self.bus, self.instance, shutdown_timeout=cfg.bridge.shutdown_timeout
             )
-        self._shutdown.append(("workers", self._stop_workers))
+        self.lifecycle.on_stop("workers", self._stop_workers)
         self.supervisor.spawn("router", self.router.run)
         for name, runner in self.runners.items():
             self.supervisor.spawn(f"runner:{name}", runner.run)
@@ -201,28 +310,47 @@ class Daemon:
             if src.long_running:
                 self.supervisor.spawn(f"source:{name}", src.run)
 
-        app = build_app(self)
+    async def _serve_http(self) -> None:
+        app = build_app(
+            self,
+            max_body=self.config.http.max_body,
+            routes=[(name, src.routes()) for name, src in self.sources.items()],
+        )
         self.app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.app_runner.setup()
-        self._shutdown.append(("http_server", self.app_runner.cleanup))
-        host, port = cfg.listen
+        self.lifecycle.on_stop("http_server", self.app_runner.cleanup)
+        host, port = self.config.listen
         self.site = web.TCPSite(self.app_runner, host, port, reuse_address=True)
         await self.site.start()
-        server: Any = self.site._server
-        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
-        self._shutdown.append(("stop_accepting", self.site.stop))
+        self.lifecycle.on_stop("stop_accepting", self.site.stop)
+        self.port = _bound_port(self.app_runner, port)
+
+    async def _start_watchdog(self) -> None:
         wd = os.environ.get("WATCHDOG_USEC")
         if wd and wd.isdigit():
             self.supervisor.spawn("watchdog", lambda: self._watchdog(int(wd) / 2e6))
-        # What start-up made (modules, config, clients) lives as long as the daemon: freeze it out of
-        # the garbage collector's sight, so a full collection walks only what was made since — its
-        # pause fell from ~20 ms to ~1 ms, the tail of the ingest latency (bench/RESULTS.md)
+            self.lifecycle.on_stop("watchdog", self._stop_watchdog)
+
+    async def _stop_watchdog(self) -> None:
+        self.supervisor.cancel("watchdog")
+
+    async def _freeze_gc(self) -> None:
+        """What start-up made (modules, config, clients) lives as long as the daemon: freeze it out of
+        the garbage collector's sight, so a full collection walks only what was made since and its
+        pause stays short (the tail of the ingest latency; figures in bench/RESULTS.md).
+        ``WECHAT_BRIDGE_GC_FREEZE=0`` leaves the collector as Python sets it."""
+        if os.environ.get("WECHAT_BRIDGE_GC_FREEZE", "1").strip() == "0":
+            return
         gc.collect()
         gc.freeze()
+        self.lifecycle.on_stop("unfreeze_gc", _unfreeze_gc)
+
+    async def _announce_ready(self) -> None:
         sd_notify("READY=1\nSTATUS=running")
+        host, _ = self.config.listen
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         log.info("daemon.started", listen=f"{host}:{self.port}", sources=list(self.sources),
-                 sinks=list(self.sinks), routes=len(cfg.routes), loop=loop)  # fmt: skip
+                 sinks=list(self.sinks), routes=len(self.config.routes), loop=loop)  # fmt: skip
 
     async def _check_persistence(self) -> None:
         """Warn when Redis keeps nothing on disk: then "stored" does not survive a Redis restart."""
@@ -266,15 +394,10 @@ class Daemon:
             await asyncio.sleep(every)
 
     async def stop(self) -> None:
-        self.supervisor.cancel("watchdog")
+        self.supervisor.cancel("watchdog")  # first: no WATCHDOG=1 after STOPPING=1
         sd_notify("STOPPING=1")
         log.info("daemon.stopping")
-        while self._shutdown:
-            name, action = self._shutdown.pop()
-            try:
-                await action()
-            except Exception:
-                log.exception("daemon.shutdown_step_failed", step=name)
+        await self.lifecycle.stop()
         log.info("daemon.stopped")
 
     async def readiness(self) -> dict[str, str]:
@@ -293,6 +416,14 @@ class Daemon:
             if why:
                 problems[name] = why
         return problems
+
+    def counters(self) -> Counters:
+        return Counters(
+            routed=self.router.routed if self.router else 0,
+            sent={name: r.sent for name, r in self.runners.items()},
+            dead={name: r.dead for name, r in self.runners.items()},
+            task_crashes=dict(self.supervisor.crashes),
+        )
 
     def request_stop(self) -> None:
         self._stop_requested.set()

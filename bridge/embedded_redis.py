@@ -16,13 +16,10 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from bridge import logging as blog
+from bridge.errors import EmbeddedRedisError
 
 SOCKET_NAME = "redis.sock"
 log = blog.get("embedded_redis")
-
-
-class EmbeddedRedisError(Exception):
-    pass
 
 
 def socket_path(data_dir: Path) -> Path:

@@ -1,4 +1,13 @@
-"""structlog set-up: stable event names, key-values, JSON off a tty, secrets masked."""
+"""structlog set-up: stable event names, key-values, JSON off a tty, secrets masked.
+
+Two pipelines write the same lines. The **fast** one (the default) stamps the time with one strftime
+a second, skips the traceback formatter for lines without one, renders JSON with msgspec and writes
+the info lines of one event-loop turn together, in one write. The **reference** one is structlog's
+own processors (``add_log_level``, ``TimeStamper``, ``format_exc_info``, ``JSONRenderer``) and a
+direct write per line: what the fast one must match (tests/unit/test_logging.py checks that with
+generated events), and what ``WECHAT_BRIDGE_LOG=plain`` selects when in doubt. Why the fast one
+exists and what it saves: bench/RESULTS.md.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,8 @@ import asyncio
 import atexit
 import functools
 import logging
+import math
+import os
 import re
 import sys
 import time
@@ -51,18 +62,23 @@ def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[st
 
 
 _LEVELS = {"warn": "warning", "exception": "error"}
+#: the reference stamp: what :func:`_stamp` writes, by structlog's TimeStamper
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _second = [-1, ""]
 
 
 def _stamp(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """``level`` and ``timestamp`` (ISO 8601, UTC, microseconds), as structlog's add_log_level and
-    TimeStamper(fmt="iso", utc=True) write them, at a fifth of their cost (one strftime a second)."""
+    ``TimeStamper(fmt=TIMESTAMP_FORMAT, utc=True)`` write them, with one strftime a second instead of
+    one a line. Microseconds are rounded as ``datetime.fromtimestamp`` rounds them (half to even)."""
     event["level"] = _LEVELS.get(method, method)
-    now = time.time()
-    sec = int(now)
+    frac, whole = math.modf(time.time())
+    sec, micros = int(whole), round(frac * 1e6)
+    if micros >= 1_000_000:
+        sec, micros = sec + 1, micros - 1_000_000
     if _second[0] != sec:
         _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    event["timestamp"] = f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
+    event["timestamp"] = f"{_second[1]}.{micros:06d}Z"
     return event
 
 
@@ -115,7 +131,19 @@ class _Stderr:
     warn = warning = error = err = critical = fatal = exception = failure = now
 
 
+class _DirectStderr:
+    """The reference writer: every line written to ``sys.stderr`` at once, on its own."""
+
+    def now(self, message: str) -> None:
+        f = sys.stderr
+        f.write(message + "\n")
+        f.flush()
+
+    msg = log = debug = info = warn = warning = error = err = critical = fatal = exception = failure = now
+
+
 _STDERR = _Stderr()
+_DIRECT = _DirectStderr()
 #: write out what is buffered (the daemon calls it when it stops; it also runs at exit)
 flush = _STDERR.flush
 atexit.register(flush)
@@ -125,7 +153,9 @@ _json = msgspec.json.Encoder(enc_hook=repr)
 
 
 def _dumps(obj: Any, **_: Any) -> str:
-    """JSON lines with msgspec (a third of the stdlib's cost); what it cannot encode, as its repr."""
+    """JSON lines with msgspec; what it cannot encode, as its repr. It differs from the stdlib's
+    ``json.dumps`` (the reference) in spacing only, except where the stdlib writes no JSON at all
+    (NaN and infinities: msgspec writes ``null``) or a repr (sets: msgspec writes a list)."""
     return _json.encode(obj).decode()
 
 
@@ -137,26 +167,46 @@ def debug_enabled() -> bool:
     return _level <= logging.DEBUG
 
 
-def setup(level: str = "info", fmt: str = "auto") -> None:
+def processors(fmt: str, *, plain: bool = False) -> list[Any]:
+    """The processor chain for ``fmt`` (``console`` or ``json``): the fast one, or with ``plain``
+    structlog's own processors doing the same."""
+    if plain:
+        return [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt=TIMESTAMP_FORMAT, utc=True),
+            _mask,
+            structlog.processors.format_exc_info,
+            structlog.dev.ConsoleRenderer(colors=False)
+            if fmt == "console"
+            else structlog.processors.JSONRenderer(),
+        ]
+    return [
+        structlog.contextvars.merge_contextvars,
+        _stamp,
+        _mask,
+        _exc_info,
+        structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer(serializer=_dumps),
+    ]
+
+
+def setup(level: str = "info", fmt: str = "auto", *, plain: bool | None = None) -> None:
+    """Configure structlog. ``plain`` (default: ``WECHAT_BRIDGE_LOG=plain`` in the environment)
+    selects the reference pipeline: structlog's processors, one write per line."""
     global _level
     _level = logging.getLevelNamesMapping()[level.upper()]
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=False)
-        if fmt == "console"
-        else structlog.processors.JSONRenderer(serializer=_dumps)
-    )
+    if plain is None:
+        plain = os.environ.get("WECHAT_BRIDGE_LOG", "").strip().lower() == "plain"
+    flush()
+    writer: Any = _DIRECT if plain else _STDERR
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            _stamp,
-            _mask,
-            _exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=lambda *_: _STDERR,
+        processors=processors(fmt, plain=plain),
+        wrapper_class=structlog.make_filtering_bound_logger(_level),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
 

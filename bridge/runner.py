@@ -30,10 +30,11 @@ from collections import deque
 from typing import Any
 
 from bridge import logging as blog
-from bridge.adapter import PermanentError, RetryableError, SendContext, Sink
+from bridge.adapter import SendContext, Sink
 from bridge.bus import RUNNER_GROUP, UNAVAILABLE, Bus, Entry
 from bridge.config import OutboundConfig, Rate, parse_rates
 from bridge.envelope import Delivery, Origin, decode_delivery, encode, make_envelope, stable_id
+from bridge.errors import PermanentError, RetryableError
 from bridge.ratelimit import GCRA_SNIPPET
 
 # KEYS[1] marker, KEYS[2..] rate keys. ARGV[1] owner, ARGV[2] owner's instance prefix ("inst:"),

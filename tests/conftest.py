@@ -19,10 +19,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge import logging as blog
-from bridge.adapter import PermanentError, Registry, RetryableError, SendContext, Sink
+from bridge.adapter import Registry, SendContext, Sink
 from bridge.config import Config, load
 from bridge.daemon import Daemon
 from bridge.envelope import Delivery
+from bridge.errors import PermanentError, RetryableError
 
 REDIS_URL = os.environ.get("WB_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 

@@ -24,9 +24,10 @@ import msgspec
 import yarl
 
 from adapters.generic.http1 import Http1Pool, ProtocolError, supports
-from bridge.adapter import Context, PermanentError, RetryableError, SendContext, Sink
+from bridge.adapter import Context, SendContext, Sink
 from bridge.config import Secret
 from bridge.envelope import Delivery, encode
+from bridge.errors import PermanentError, RetryableError
 
 #: header names the sink sets itself; the same names in ``headers`` are ignored
 _OWN = {

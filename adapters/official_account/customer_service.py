@@ -50,9 +50,10 @@ from adapters.wecom.api import (
     send_parts,
     text_parts,
 )
-from bridge.adapter import Context, PermanentError, SendContext, Sink
+from bridge.adapter import Context, SendContext, Sink
 from bridge.config import Secret
 from bridge.envelope import Delivery, Envelope
+from bridge.errors import PermanentError
 
 
 class OAOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -90,9 +90,10 @@ from adapters.openclaw.gateway import (
     ok_payload,
 )
 from adapters.openclaw.http import AuthRejected, chat_completion, http_base
-from bridge.adapter import Context, PermanentError, RetryableError, SendContext, Sink
-from bridge.config import ConfigError, Secret
+from bridge.adapter import Context, SendContext, Sink
+from bridge.config import Secret
 from bridge.envelope import Delivery
+from bridge.errors import ConfigError, PermanentError, RetryableError
 
 __all__ = [
     "KeyRejected",

@@ -36,8 +36,9 @@ import aiohttp
 import msgspec
 
 from adapters.wecom.aibot import CONTENT_MAX_BYTES, RESPONSE_URL_TTL, STATE_ADAPTER, STATE_TTL
-from bridge.adapter import PermanentError, RetryableError, SendContext, Sink
+from bridge.adapter import SendContext, Sink
 from bridge.envelope import Delivery
+from bridge.errors import PermanentError, RetryableError
 from bridge.text import split_text
 
 #: a response_url is not used this close to its expiry

@@ -32,9 +32,10 @@ import aiohttp
 import msgspec
 
 from bridge import logging as blog
-from bridge.adapter import PermanentError, RetryableError, SendContext, SendError, Sink
+from bridge.adapter import SendContext, Sink
 from bridge.config import Rate, Secret, parse_rates
 from bridge.envelope import Attachment, Delivery
+from bridge.errors import PermanentError, RetryableError, SendError
 from bridge.ratelimit import Limit, Limiter
 from bridge.text import split_text
 

@@ -71,9 +71,10 @@ from adapters.wecom.api import (
     send_parts,
     text_parts,
 )
-from bridge.adapter import Context, PermanentError, SendContext, Sink
-from bridge.config import ConfigError, Rate, Secret
+from bridge.adapter import Context, SendContext, Sink
+from bridge.config import Rate, Secret
 from bridge.envelope import Attachment, Delivery, Envelope
+from bridge.errors import ConfigError, PermanentError
 
 PREFIXES = ("chat", "user", "party", "tag")
 MEDIA_KINDS = ("image", "file", "voice", "video")

@@ -23,10 +23,10 @@ import redis.asyncio as aioredis
 
 from adapters.wecom.api import ApiError, WeComApi, send_error
 from adapters.wecom.app_sink import WeComAppOptions
-from bridge.adapter import SendError
 from bridge.bus import UNAVAILABLE, Keys
-from bridge.config import Config, ConfigError, convert
-from bridge.embedded_redis import EmbeddedRedisError, client_url
+from bridge.config import Config, convert
+from bridge.embedded_redis import client_url
+from bridge.errors import ConfigError, EmbeddedRedisError, SendError
 
 
 def _users(value: str) -> list[str]:

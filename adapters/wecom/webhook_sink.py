@@ -66,9 +66,10 @@ from adapters.wecom.api import (
     send_parts,
     text_parts,
 )
-from bridge.adapter import Context, PermanentError, RetryableError, SendContext, Sink
+from bridge.adapter import Context, SendContext, Sink
 from bridge.config import Secret
 from bridge.envelope import Attachment, Delivery, Envelope
+from bridge.errors import PermanentError, RetryableError
 
 IMAGE_MAX = 2 * 1024 * 1024
 FILE_MIN, FILE_MAX = 6, 20 * 1024 * 1024

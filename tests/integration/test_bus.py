@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
-from bridge.bus import Bus, BusUnavailable, Keys
+from bridge.bus import Bus, Keys
 from bridge.envelope import Conversation, decode_envelope, make_envelope
+from bridge.errors import BusUnavailable
 
 
 async def test_publish_dedupes_a_republished_envelope(redis: Any, prefix: str) -> None:

@@ -182,8 +182,8 @@ def test_check_config_masks_secrets_and_names_bad_keys(tmp_path: Path) -> None:
 async def test_status_and_dead_replay(write_config: Any, start_daemon: Any) -> None:
     import asyncio
 
-    from bridge.adapter import PermanentError
     from bridge.envelope import Conversation, make_envelope
+    from bridge.errors import PermanentError
     from tests.conftest import CollectSink, wait_for
 
     cfg = write_config(

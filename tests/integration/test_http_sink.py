@@ -39,7 +39,7 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     yield rec, f"http://127.0.0.1:{port}/in"
     await runner.cleanup()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bridge.adapter import PermanentError, RetryableError
 from bridge.bus import RUNNER_GROUP
 from bridge.envelope import Conversation, Delivery, encode, make_envelope
+from bridge.errors import PermanentError, RetryableError
 from tests.conftest import CollectSink, wait_for
 
 SINK = """

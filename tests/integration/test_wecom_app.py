@@ -14,8 +14,9 @@ import structlog
 from aiohttp import web
 
 from bridge.bus import RUNNER_GROUP
-from bridge.config import ConfigError, load
+from bridge.config import load
 from bridge.envelope import Attachment, Conversation, Delivery, encode, make_envelope
+from bridge.errors import ConfigError
 from tests.conftest import wait_for
 from tests.fakes.wecom_api import FakeWeComAPI, Recorded
 

@@ -22,8 +22,8 @@ from adapters.openclaw.gateway import (
 )
 from adapters.openclaw.http import http_base
 from adapters.openclaw.sink import KeyRejected, OpenClawSink, run_failure, turn_error
-from bridge.adapter import PermanentError, Registry, RetryableError
-from bridge.config import ConfigError
+from bridge.adapter import Registry
+from bridge.errors import ConfigError, PermanentError, RetryableError
 
 # -- connecting ----------------------------------------------------------------------------------
 

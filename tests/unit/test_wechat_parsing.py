@@ -26,8 +26,9 @@ from adapters.wechat_inbound import (
 )
 from adapters.wecom.aibot import aibot_envelope, fit
 from bridge.adapter import Registry
-from bridge.config import Config, ConfigError
+from bridge.config import Config
 from bridge.envelope import Attachment, Conversation, stable_id
+from bridge.errors import ConfigError
 
 KEY = "d2VjaGF0LWJyaWRnZSB0ZXN0IGtleSAzMiBieXRlcyE"
 
