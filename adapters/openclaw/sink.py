@@ -81,9 +81,9 @@ from adapters.openclaw.gateway import (
     FrameTooLarge,
     GatewayClient,
     GatewayError,
+    GatewayRefused,
     NotConnected,
-    Refused,
-    RunFailed,
+    RunEnded,
     final_answer,
     find_in_history,
     message_text,
@@ -389,7 +389,7 @@ class OpenClawSink(Sink):
         assert self.client is not None
         try:
             return await self.client.connection(self.options.connect_timeout)
-        except Refused as e:
+        except GatewayRefused as e:
             raise PermanentError(str(e)) from None
         except NotConnected as e:
             raise RetryableError(str(e)) from None
@@ -543,7 +543,7 @@ class OpenClawSink(Sink):
                     raise KeyRejected(str(payload.get("summary")))
                 try:
                     return final_answer(payload, str(payload.get("runId") or key))
-                except RunFailed as e:
+                except RunEnded as e:
                     raise run_failure(payload, e) from None
         finally:
             call.close()
@@ -574,7 +574,7 @@ class OpenClawSink(Sink):
                 return Answer(run_id, text if isinstance(text, str) else "")
             if status == "error" or (status == "timeout" and isinstance(p.get("endedAt"), int | float)):
                 why = p.get("error") or p.get("stopReason") or status
-                raise run_failure(p, RunFailed(f"the agent run failed ({status}): {why}"))
+                raise run_failure(p, RunEnded(f"the agent run failed ({status}): {why}"))
             if slice_s is not None:
                 return None
 
@@ -583,7 +583,7 @@ class RunFailedError(PermanentError):
     """The agent run failed, was aborted or timed out: a dead letter with the gateway's reason."""
 
 
-def run_failure(payload: dict[str, Any], e: RunFailed) -> Exception:
+def run_failure(payload: dict[str, Any], e: RunEnded) -> Exception:
     """A run that ended without an answer: dead letter, unless the gateway aborted it to restart."""
     if payload.get("stopReason") == "restart":
         return RetryableError(f"{e} (the gateway is restarting)", retry_after=5.0)
@@ -596,7 +596,7 @@ def turn_error(e: GatewayError) -> Exception:
         return KeyRejected(str(e))
     if e.payload.get("status") in ("error", "timeout"):  # the run itself failed (an ok:false final)
         return run_failure(
-            e.payload, RunFailed(f"the agent run failed: {e.payload.get('summary') or e.message}")
+            e.payload, RunEnded(f"the agent run failed: {e.payload.get('summary') or e.message}")
         )
     if e.code == "UNAVAILABLE" or e.retryable:
         return RetryableError(f"the gateway is unavailable: {e.message}", retry_after=e.retry_after or 5.0)

@@ -41,15 +41,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from adapters.wechat_crypto import WXBizMsgCrypt
-from adapters.wechat_inbound import (
-    InboundOptions,
-    Refused,
-    check_aes_key,
-    field,
-    parse_json_object,
-    read_body,
-)
+from adapters.wechat.callback import InboundOptions, check_aes_key, read_body
+from adapters.wechat.crypto import WXBizMsgCrypt
+from adapters.wechat.parsing import CallbackRefused, field, parse_json_object
 from adapters.wecom.app_callback import WeComSigned
 from bridge.adapter import Context
 from bridge.config import Secret
@@ -139,7 +133,7 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     elif user:
         conv = Conversation(user, "direct")
     else:
-        raise Refused(400, "payload has no from.userid")
+        raise CallbackRefused(400, "payload has no from.userid")
     key = (
         stable_id(source, "msg", msg_id)
         if msg_id
@@ -201,22 +195,22 @@ class WeComAIBotSource(WeComSigned):
     async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
         sig, ts, nonce = self.signed_query(query)
         if not _NONCE_RE.fullmatch(nonce):
-            raise Refused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
+            raise CallbackRefused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
         body = await read_body(request, self.options.max_body)
         try:
             encrypt = _outer.decode(body).encrypt
         except (ValueError, RecursionError):  # msgspec.DecodeError/ValidationError, UnicodeDecodeError
-            raise Refused(400, "body: malformed JSON or no encrypt") from None
+            raise CallbackRefused(400, "body: malformed JSON or no encrypt") from None
         if not encrypt:
-            raise Refused(400, "body has no encrypt")
+            raise CallbackRefused(400, "body has no encrypt")
         msg = parse_json_object(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
         msg_type = field(msg, "msgtype")
         if not msg_type:
-            raise Refused(400, "payload has no msgtype")
+            raise CallbackRefused(400, "payload has no msgtype")
         if msg_type == "stream":
             stream_id = field(_obj(msg, "stream"), "id")
             if not stream_id or len(stream_id) > _STREAM_ID_MAX:
-                raise Refused(400, "stream refresh without a stream id")
+                raise CallbackRefused(400, "stream refresh without a stream id")
             return self._reply(await self.stream_state(stream_id), nonce)
         env, key = aibot_envelope(self.name, msg, self.options.stream)
         await self._remember(env)

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from adapters import simulate as sim
+from adapters.wechat import simulate as sim
 from adapters.openclaw.sink import OpenClawSink
 from bridge import cli
 from bridge.bus import RUNNER_GROUP

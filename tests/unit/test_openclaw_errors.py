@@ -13,8 +13,8 @@ from adapters.openclaw.gateway import (
     FrameTooLarge,
     GatewayClient,
     GatewayError,
-    Refused,
-    RunFailed,
+    GatewayRefused,
+    RunEnded,
     _Retry,
     connect_refusal,
     final_answer,
@@ -37,7 +37,7 @@ def test_a_bad_token_is_a_refusal_that_names_the_fix() -> None:
         }
     )
     r = connect_refusal(err, "dev1")
-    assert isinstance(r, Refused)
+    assert isinstance(r, GatewayRefused)
     assert "refused the credentials" in str(r) and "AUTH_TOKEN_MISMATCH" in str(r) and "token" in str(r)
 
 
@@ -50,11 +50,11 @@ def test_pairing_and_protocol_refusals() -> None:
         }
     )
     r = connect_refusal(pairing, "dev1")
-    assert isinstance(r, Refused) and "openclaw devices approve req-7" in str(r) and "dev1" in str(r)
+    assert isinstance(r, GatewayRefused) and "openclaw devices approve req-7" in str(r) and "dev1" in str(r)
     proto = GatewayError(
         {"code": "INVALID_REQUEST", "message": "protocol mismatch", "details": {"code": "PROTOCOL_MISMATCH"}}
     )
-    assert isinstance(connect_refusal(proto, "d"), Refused)
+    assert isinstance(connect_refusal(proto, "d"), GatewayRefused)
     device = GatewayError(
         {
             "code": "INVALID_REQUEST",
@@ -114,7 +114,7 @@ def test_the_answer_is_the_runs_payload_texts() -> None:
     ],
 )
 def test_a_run_without_an_answer_fails(payload: dict[str, Any], words: str) -> None:
-    with pytest.raises(RunFailed, match=re.escape(words)):
+    with pytest.raises(RunEnded, match=re.escape(words)):
         final_answer(payload, "k")
 
 
@@ -139,7 +139,7 @@ def test_a_failed_run_is_permanent_with_the_reason() -> None:
         str(out)
         == "the agent run failed: LLM request failed: provider rejected the request schema or tool payload."
     )
-    assert isinstance(run_failure({"status": "error"}, RunFailed("boom")), PermanentError)
+    assert isinstance(run_failure({"status": "error"}, RunEnded("boom")), PermanentError)
 
 
 def test_after_a_gateway_restart_the_old_key_is_rejected_not_failed() -> None:
@@ -166,7 +166,7 @@ def test_unavailable_is_retryable_and_the_rest_permanent() -> None:
     assert isinstance(plain, RetryableError) and plain.retry_after == 5.0
     unknown = turn_error(GatewayError({"code": "INVALID_REQUEST", "message": 'Unknown agent id "nosuch"'}))
     assert isinstance(unknown, PermanentError) and "Unknown agent id" in str(unknown)
-    restart = run_failure({"status": "timeout", "stopReason": "restart"}, RunFailed("aborted"))
+    restart = run_failure({"status": "timeout", "stopReason": "restart"}, RunEnded("aborted"))
     assert isinstance(restart, RetryableError)
 
 

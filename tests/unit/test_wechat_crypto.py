@@ -1,4 +1,4 @@
-"""Tests for adapters.wechat_crypto: published vectors, error classes, round trips, properties."""
+"""Tests for adapters.wechat.crypto: published vectors, error classes, round trips, properties."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from defusedxml import ElementTree
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.wechat_crypto import (
+from adapters.wechat.crypto import (
     BLOCK_SIZE,
     BadCiphertext,
     BadKey,
