@@ -24,7 +24,7 @@ import contextlib
 import random
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,6 +222,7 @@ class GatewayClient:
         password: Secret | None,
         device: DeviceIdentity | None,
         log: Any,
+        http: Callable[[], aiohttp.ClientSession],
         display_name: str = "wechat-bridge",
         version: str = "0.1.0",
         handshake_timeout: float = 15.0,
@@ -234,6 +235,8 @@ class GatewayClient:
         self._password = password
         self.device = device
         self.log = log
+        #: the daemon's one HTTP client (``Context.http``): the WebSocket is opened through it
+        self._http = http
         self.display_name = display_name
         self.version = version
         self.handshake_timeout = handshake_timeout
@@ -251,13 +254,11 @@ class GatewayClient:
         self._runs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self._send_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._session = aiohttp.ClientSession()
         self._task = asyncio.create_task(self._run(), name=f"openclaw:{self.url}")
 
     async def close(self) -> None:
@@ -265,8 +266,6 @@ class GatewayClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -371,8 +370,7 @@ class GatewayClient:
         return frame
 
     async def _connect_and_read(self) -> None:
-        assert self._session is not None
-        ws = await self._session.ws_connect(
+        ws = await self._http().ws_connect(
             self.url,
             heartbeat=self.heartbeat,
             autoping=True,

@@ -184,7 +184,6 @@ class OpenClawSink(Sink):
     def __init__(self, name: str, options: OpenClawOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         self.client: GatewayClient | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._http_problem: str | None = None
         self._probe: asyncio.Task[None] | None = None
 
@@ -201,7 +200,6 @@ class OpenClawSink(Sink):
                 )
         o = self.options
         if o.mode == "http":
-            self._http = aiohttp.ClientSession()
             self._probe = asyncio.create_task(self._probe_http(), name=f"openclaw-probe:{self.name}")
             return
         path = Path(o.device_key) if o.device_key else self.ctx.data_dir / "openclaw" / "device-ed25519.pem"
@@ -216,6 +214,7 @@ class OpenClawSink(Sink):
             password=o.password,
             device=device,
             log=self.log,
+            http=self.ctx.http,
             display_name=o.display_name,
         )
         self.client.start()
@@ -227,16 +226,15 @@ class OpenClawSink(Sink):
             await asyncio.gather(self._probe, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
-        if self._http is not None:
-            await self._http.close()
 
     async def _probe_http(self) -> None:
         """HTTP mode: check the credentials once at start, so /readyz can tell a bad token early."""
-        assert self._http is not None
         url = http_base(self.options.url) + "/v1/models"
         headers = {"Authorization": f"Bearer {self.options.secret}"}
         try:
-            async with self._http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with self.ctx.http().get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+            ) as r:
                 if r.status in (401, 403):
                     self._http_problem = (
                         f"the gateway refused the credentials (HTTP {r.status} from {url}); "
@@ -363,10 +361,9 @@ class OpenClawSink(Sink):
     async def _send_http(
         self, d: Delivery, ctx: SendContext, agent: str, session: str, message: str
     ) -> Answer:
-        assert self._http is not None
         try:
             text = await chat_completion(
-                self._http,
+                self.ctx.http(),
                 base=http_base(self.options.url),
                 secret=self.options.secret,
                 agent=agent,

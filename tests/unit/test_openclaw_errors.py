@@ -6,6 +6,7 @@ import asyncio
 import re
 from typing import Any
 
+import aiohttp
 import pytest
 
 from adapters.openclaw.gateway import (
@@ -242,7 +243,9 @@ class _NoSocket:
 
 
 async def test_a_request_over_max_payload_is_refused_before_sending() -> None:
-    client = GatewayClient("ws://127.0.0.1:1", token=None, password=None, device=None, log=None)
+    client = GatewayClient(
+        "ws://127.0.0.1:1", token=None, password=None, device=None, log=None, http=aiohttp.ClientSession
+    )
     conn = Connection(_NoSocket(), {"policy": {"maxPayload": 1000}}, 1)  # type: ignore[arg-type]
     with pytest.raises(FrameTooLarge, match=r"over the gateway's policy.maxPayload of 1000 bytes"):
         await client.request(conn, "agent", {"message": "x" * 2000, "idempotencyKey": "k"})
