@@ -1,8 +1,10 @@
 """A small HTTP/1.1 client for the ``http`` sink's plain-``http://`` POSTs: keep-alive and nothing else.
 
-aiohttp's client spends about 100 µs of CPU on every request (URL and header objects, cookie jar,
-tracing, timers, a task per body write) — on the relay's hot path that was half of all the work.
-This client writes one buffer per request and parses a status line and headers: ~20 µs.
+Why it exists: aiohttp's client does much per request (URL and header objects, cookie jar,
+tracing, timers, a task per body write), and on the relay's hot path that was most of the sink's
+work. This client writes one buffer per request and parses a status line and headers. It sits
+behind the same interface as aiohttp's (adapters/generic/transport.py, which says why both stay;
+the figures are in bench/RESULTS.md, ``python -m bench.http_clients``).
 
 What it does: keep-alive connections per sink (idle ones are dropped before servers usually drop
 them), Content-Length and chunked response bodies, bodies delimited by the connection's end,

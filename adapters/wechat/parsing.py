@@ -36,7 +36,7 @@ def parse_xml(data: bytes, what: str) -> dict[str, Any]:
     """``<xml>…</xml>`` as a dict (leaf text, nested dicts, lists for repeated tags).
 
     What WeChat sends — a flat ``<xml>`` of leaves holding plain text or one CDATA section — takes a
-    short path (:func:`_parse_flat`, half of expat's cost here); anything else, and anything that
+    short path (:func:`_parse_flat`, figures in bench/RESULTS.md); anything else, and anything that
     path is unsure of, goes to expat as described below.
 
     Built on expat directly, as it parses (no tree first): a leaf's value is all its text (CDATA
