@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -158,6 +158,9 @@ def xml_message(
 ) -> tuple[Envelope, str]:
     """A decrypted WeCom-app / Official-Account message as an envelope, and its dedupe key.
 
+    Text and attachments come from :data:`XML_CONTENT`, one small function per ``MsgType``; a type
+    it does not know becomes an ``other`` attachment.
+
     Dedupe: ``MsgId`` (``MsgID`` in some OA events); events without one on
     FromUserName+CreateTime+Event+EventKey (the key tells two menu clicks in one second apart);
     anything else on the whole payload.
@@ -166,61 +169,19 @@ def xml_message(
     from_user = field(msg, "FromUserName")
     msg_id = (field(msg, "MsgId") or field(msg, "MsgID")).strip()
     created = seconds(field(msg, "CreateTime"))
-    text = ""
-    attachments: list[Attachment] = []
     kind = "message"
     event: str | None = None
+    text, attachments = "", list[Attachment]()
     meta = {**meta, "msg_type": msg_type}
     if msg_id:
         meta["msg_id"] = msg_id
-    if msg_type == "text":
-        text = field(msg, "Content")
-    elif msg_type == "image":
-        attachments.append(
-            Attachment("image", url=field(msg, "PicUrl") or None, media_id=field(msg, "MediaId") or None)
-        )
-    elif msg_type == "voice":
-        text = field(msg, "Recognition")  # OA speech recognition, when switched on
-        attachments.append(
-            Attachment("voice", media_id=field(msg, "MediaId") or None, extra=_extra(msg, Format="format"))
-        )
-    elif msg_type in ("video", "shortvideo"):
-        attachments.append(
-            Attachment(
-                "video",
-                media_id=field(msg, "MediaId") or None,
-                extra=_extra(msg, ThumbMediaId="thumb_media_id"),
-            )
-        )
-    elif msg_type == "location":
-        attachments.append(
-            Attachment(
-                "location",
-                title=field(msg, "Label") or None,
-                extra=_extra(msg, Location_X="latitude", Location_Y="longitude", Scale="scale"),
-            )
-        )
-    elif msg_type == "link":
-        attachments.append(
-            Attachment(
-                "link",
-                url=field(msg, "Url") or None,
-                title=field(msg, "Title") or None,
-                description=field(msg, "Description") or None,
-                extra=_extra(msg, PicUrl="pic_url"),
-            )
-        )
-    elif msg_type == "file":
-        attachments.append(
-            Attachment("file", media_id=field(msg, "MediaId") or None, name=field(msg, "Title") or None)
-        )
-    elif msg_type == "event":
+    if msg_type == "event":
         kind = "event"
         event = field(msg, "Event")
         if field(msg, "EventKey"):
             meta["event_key"] = field(msg, "EventKey")
     else:
-        attachments.append(Attachment("other", extra={"msg_type": msg_type}))
+        text, attachments = XML_CONTENT.get(msg_type, _other)(msg)
     if msg_id:
         key = stable_id(source, "msg", msg_id)
     elif kind == "event":
@@ -243,6 +204,68 @@ def xml_message(
         **({"created_at": created} if created is not None else {}),
     )
     return env, key
+
+
+Content = tuple[str, list[Attachment]]
+
+
+def _text(msg: Mapping[str, Any]) -> Content:
+    return field(msg, "Content"), []
+
+
+def _image(msg: Mapping[str, Any]) -> Content:
+    return "", [Attachment("image", url=field(msg, "PicUrl") or None, media_id=field(msg, "MediaId") or None)]
+
+
+def _voice(msg: Mapping[str, Any]) -> Content:
+    # Recognition: the OA's speech recognition, when switched on
+    media_id = field(msg, "MediaId") or None
+    return field(msg, "Recognition"), [
+        Attachment("voice", media_id=media_id, extra=_extra(msg, Format="format"))
+    ]
+
+
+def _video(msg: Mapping[str, Any]) -> Content:
+    extra = _extra(msg, ThumbMediaId="thumb_media_id")
+    return "", [Attachment("video", media_id=field(msg, "MediaId") or None, extra=extra)]
+
+
+def _location(msg: Mapping[str, Any]) -> Content:
+    extra = _extra(msg, Location_X="latitude", Location_Y="longitude", Scale="scale")
+    return "", [Attachment("location", title=field(msg, "Label") or None, extra=extra)]
+
+
+def _link(msg: Mapping[str, Any]) -> Content:
+    link = Attachment(
+        "link",
+        url=field(msg, "Url") or None,
+        title=field(msg, "Title") or None,
+        description=field(msg, "Description") or None,
+        extra=_extra(msg, PicUrl="pic_url"),
+    )
+    return "", [link]
+
+
+def _file(msg: Mapping[str, Any]) -> Content:
+    return "", [Attachment("file", media_id=field(msg, "MediaId") or None, name=field(msg, "Title") or None)]
+
+
+def _other(msg: Mapping[str, Any]) -> Content:
+    """A type this table does not know: kept as an ``other`` attachment, never dropped."""
+    return "", [Attachment("other", extra={"msg_type": field(msg, "MsgType")})]
+
+
+#: MsgType → the message's text and attachments (events are handled by :func:`xml_message`)
+XML_CONTENT: dict[str, Callable[[Mapping[str, Any]], Content]] = {
+    "text": _text,
+    "image": _image,
+    "voice": _voice,
+    "video": _video,
+    "shortvideo": _video,
+    "location": _location,
+    "link": _link,
+    "file": _file,
+}
 
 
 def _extra(msg: Mapping[str, Any], **names: str) -> dict[str, Any]:
