@@ -10,7 +10,7 @@ Order of the checks on a POST, cheapest first, nothing decrypted before the sign
 2. body read up to ``max_body`` bytes (413);
 3. outer body parsed (400), signature checked in constant time (403);
 4. decrypted (400 on bad base64/padding/length/receive id), inner payload parsed (400; no DTD,
-   no entities: see :func:`parse_xml`);
+   no entities: see :func:`adapters.wechat.parsing.parse_xml`);
 5. published with its dedupe key in one Redis round trip; only then answered.
 
 Refusals raise :class:`CallbackRefused`; the log line says why (a fixed reason, never a secret, never the
