@@ -1,6 +1,6 @@
 """The ``http`` sink's two clients side by side: CPU per POST and POSTs per second.
 
-Both clients (adapters/generic/transport.py) post the same delivery-sized body to the same local
+Both clients (bridge/transport.py) post the same delivery-sized body to the same local
 receiver (bench/receiver.py, its own process), ``--concurrency`` requests in flight as the sink's
 runner keeps them, in alternating rounds so a change in the machine's load hits both alike. CPU
 is this process's (user + system) over the round: what one POST costs the daemon.
@@ -19,9 +19,9 @@ from typing import Any
 
 import aiohttp
 
-from adapters.generic.http1 import Http1Pool
-from adapters.generic.transport import AiohttpPoster, Poster
 from bench.common import OUT, Procs, free_port, machine_info, save_json, wait_http
+from bridge.http1 import Http1Pool
+from bridge.transport import AiohttpPoster, Poster
 
 BODY = json.dumps({"id": "d" * 26, "envelope": {"text": "hello " * 60, "received_at": 0.0}}).encode()
 HEADERS = [("X-Bridge-Timestamp", "1700000000"), ("X-Bridge-Delivery", "d" * 26)]

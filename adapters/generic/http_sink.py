@@ -6,9 +6,9 @@ a receiver can dedupe. 2xx = delivered (remote id: the response's ``id`` field o
 429 and 5xx = retry, honouring Retry-After; any other 4xx (and a 3xx: redirects are not followed)
 = permanent.
 
-Plain ``http://`` URLs go through a small keep-alive HTTP/1.1 client (adapters/generic/http1.py);
+Plain ``http://`` URLs go through a small keep-alive HTTP/1.1 client (bridge/http1.py);
 ``https://`` and URLs with credentials through the daemon's aiohttp session. Both sit behind one
-interface (adapters/generic/transport.py, which says why there are two).
+interface (bridge/transport.py, which says why there are two).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from adapters.generic.http1 import Http1Pool, ProtocolError
-from adapters.generic.transport import poster
 from bridge.adapter import Context, PermanentError, RetryableError, SendContext, Sink
 from bridge.config import Secret
 from bridge.envelope import Delivery, encode
+from bridge.http1 import Http1Pool, ProtocolError
 
 #: header names the sink sets itself; the same names in ``headers`` are ignored
 _OWN = {
@@ -89,7 +88,7 @@ class HttpSink(Sink):
     def __init__(self, name: str, options: HttpOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         extra = [(k, v) for k, v in options.headers.items() if k.lower() not in _OWN]
-        self._poster = poster(options.url, [*extra, ("Content-Type", "application/json")], ctx.http)
+        self._poster = ctx.poster(options.url, [*extra, ("Content-Type", "application/json")])
         #: the small client when it serves this URL (plain http://), else None
         self._pool: Http1Pool | None = self._poster if isinstance(self._poster, Http1Pool) else None
         self._secret = options.secret.reveal().encode() if options.secret else None

@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from adapters.generic import http1
-from adapters.generic.http1 import Http1Pool, ProtocolError, supports
-from adapters.generic.transport import AiohttpPoster, Poster
+from bridge import http1
+from bridge.http1 import Http1Pool, ProtocolError, supports
+from bridge.transport import AiohttpPoster, Poster
 
 Script = Callable[[bytes], list[bytes | float | None] | None]
 
@@ -242,7 +242,7 @@ async def test_https_goes_through_aiohttp(write_config: Any, start_daemon: Any) 
     assert d.sinks["out"]._pool is None
 
 
-# -- conformance: the small client and aiohttp's answer alike (adapters/generic/transport.py) ------
+# -- conformance: the small client and aiohttp's answer alike (bridge/transport.py) ------
 
 
 @pytest.fixture(params=["http1", "aiohttp"])

@@ -1,6 +1,9 @@
-"""How the ``http`` sink POSTs: one interface, :class:`Poster`, and the two clients behind it.
+"""How adapters POST: one interface, :class:`Poster`, and the two clients behind it.
 
-- :class:`~adapters.generic.http1.Http1Pool`: a small keep-alive HTTP/1.1 client of our own, for
+Adapters get one from their context (``ctx.poster(url, headers)``, beside ``ctx.http()``, the
+daemon's one aiohttp session), never by building a client of their own.
+
+- :class:`~bridge.http1.Http1Pool`: a small keep-alive HTTP/1.1 client of our own, for
   plain ``http://`` URLs without credentials;
 - :class:`AiohttpPoster`: aiohttp's client, through the daemon's one session (``Context.http``),
   for everything else (TLS, credentials in the URL).
@@ -8,7 +11,7 @@
 Both answer the same way for the same bytes on the wire — the conformance tests
 (tests/integration/test_http1.py) run every framing against both: a close-delimited body in
 several segments, chunked with trailers, 1xx interim answers, a server closing a kept-alive
-connection, a body over :data:`~adapters.generic.http1.MAX_BODY` (cut there; the small client
+connection, a body over :data:`~bridge.http1.MAX_BODY` (cut there; the small client
 then closes the connection, whose rest it never read).
 
 Why two: measured side by side against a local receiver (``python -m bench.http_clients``,
@@ -26,7 +29,7 @@ from typing import Protocol
 
 import aiohttp
 
-from adapters.generic.http1 import MAX_BODY, Http1Pool, Response, supports
+from bridge.http1 import MAX_BODY, Http1Pool, Response, supports
 
 
 class Poster(Protocol):
@@ -34,7 +37,7 @@ class Poster(Protocol):
 
     async def post(self, headers: Iterable[tuple[str, str]], body: bytes, timeout: float) -> Response:
         """One request. Raises ValueError for a header holding CR/LF; OSError, TimeoutError,
-        EOFError, :class:`~adapters.generic.http1.ProtocolError` or :class:`aiohttp.ClientError`
+        EOFError, :class:`~bridge.http1.ProtocolError` or :class:`aiohttp.ClientError`
         when the receiver cannot be reached or answers something that is not HTTP."""
         ...
 

@@ -3,7 +3,7 @@
 Why it exists: aiohttp's client does much per request (URL and header objects, cookie jar,
 tracing, timers, a task per body write), and on the relay's hot path that was most of the sink's
 work. This client writes one buffer per request and parses a status line and headers. It sits
-behind the same interface as aiohttp's (adapters/generic/transport.py, which says why both stay;
+behind the same interface as aiohttp's (bridge/transport.py, which says why both stay;
 the figures are in bench/RESULTS.md, ``python -m bench.http_clients``).
 
 What it does: keep-alive connections per sink (idle ones are dropped before servers usually drop
