@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from bridge import logging as blog
+from bridge import transport
 from bridge.bus import Bus
 from bridge.config import Config, Rate, convert
 from bridge.envelope import Delivery, Envelope
@@ -58,6 +59,11 @@ class Context:
     ) -> bool:
         """Durably store an envelope; False for a duplicate. Raises BusUnavailable (→ 503)."""
         return await self.bus.publish(env, dedupe_key, dedupe_ttl)
+
+    def poster(self, url: str, headers: Sequence[tuple[str, str]] = ()) -> transport.Poster:
+        """A client that POSTs to ``url`` with ``headers`` (bridge/transport.py): the small
+        HTTP/1.1 client for plain ``http://``, else aiohttp's on :attr:`http`. The caller closes it."""
+        return transport.poster(url, headers, self.http)
 
     def state_key(self, adapter: str, key: str) -> str:
         return self.bus.keys.state(adapter, key)

@@ -25,7 +25,7 @@ from bridge.config import Secret
 from bridge.envelope import Conversation, Sender, make_envelope, stable_id
 
 
-class WebhookOptions(msgspec.Struct, forbid_unknown_fields=True):
+class WebhookSourceOptions(msgspec.Struct, forbid_unknown_fields=True):
     path: str
     secret: Secret | None = None
     #: accept unsigned posts (only behind a proxy that authenticates)
@@ -64,8 +64,8 @@ _decoder = msgspec.json.Decoder(_Body)
 
 
 class WebhookSource(Source):
-    Options = WebhookOptions
-    options: WebhookOptions
+    Options = WebhookSourceOptions
+    options: WebhookSourceOptions
 
     def routes(self) -> Sequence[HttpRoute]:
         return [HttpRoute("POST", self.options.path, self.handle)]

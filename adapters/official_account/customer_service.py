@@ -36,17 +36,15 @@ from typing import Any
 
 import msgspec
 
-from adapters.wecom.api import (
-    OA_API,
-    ApiError,
-    OfficialAccountApi,
+from adapters.wechat.client import OA_API, OfficialAccountApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.parts import (
     Part,
     PartQuota,
     article,
     attachment_line,
     check_limit,
     fits,
-    send_error,
     send_parts,
     text_parts,
 )

@@ -33,19 +33,17 @@ import re
 
 from aiohttp import web
 
-from adapters.wechat_crypto import WXBizMsgCrypt, verify_plain_signature
-from adapters.wechat_inbound import (
+from adapters.wechat.callback import (
     InboundOptions,
-    Refused,
     WeChatInbound,
     check_aes_key,
-    field,
-    parse_xml,
     read_body,
     require_fields,
     required,
     xml_message,
 )
+from adapters.wechat.crypto import WXBizMsgCrypt, verify_plain_signature
+from adapters.wechat.parsing import CallbackRefused, field, parse_xml
 from bridge.adapter import Context
 from bridge.config import Secret
 from bridge.envelope import Conversation
@@ -91,30 +89,30 @@ class WeChatOASource(WeChatInbound):
         self._plain_signature(query)
         (echostr,) = required(query, "echostr", status=400)
         if not _ECHOSTR_RE.fullmatch(echostr):
-            raise Refused(400, "bad echostr")
+            raise CallbackRefused(400, "bad echostr")
         return echostr.encode()
 
     async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
         mode = query.get("encrypt_type", "")
         if mode in ("", "raw"):
             if self._crypt is not None and not self.options.allow_plaintext:
-                raise Refused(403, "plaintext push refused: encoding_aes_key is set")
+                raise CallbackRefused(403, "plaintext push refused: encoding_aes_key is set")
             self._plain_signature(query)
             msg = parse_xml(await read_body(request, self.options.max_body), "message")
             meta = {"mode": "plaintext"}
         elif mode == "aes":
             if self._crypt is None:
-                raise Refused(400, "encrypted push but no encoding_aes_key is configured")
+                raise CallbackRefused(400, "encrypted push but no encoding_aes_key is configured")
             sig, ts, nonce = required(query, "msg_signature", "timestamp", "nonce")
             self.fresh(ts)
             outer = parse_xml(await read_body(request, self.options.max_body), "body")
             encrypt = field(outer, "Encrypt")
             if not encrypt:
-                raise Refused(400, "body has no Encrypt")
+                raise CallbackRefused(400, "body has no Encrypt")
             msg = parse_xml(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
             meta = {"mode": "compatible" if field(outer, "MsgType") else "safe"}
         else:
-            raise Refused(400, "unknown encrypt_type")
+            raise CallbackRefused(400, "unknown encrypt_type")
         require_fields(msg, "MsgType", "FromUserName")
         meta["to"] = field(msg, "ToUserName")
         openid = field(msg, "FromUserName")

@@ -56,18 +56,16 @@ from typing import Any
 
 import msgspec
 
-from adapters.wecom.api import (
-    WECOM_API,
-    ApiError,
+from adapters.wechat.client import WECOM_API, WeComApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.parts import (
     Part,
     PartQuota,
-    WeComApi,
     attachment_line,
     check_limit,
     check_rates,
     fits,
     news_parts,
-    send_error,
     send_parts,
     text_parts,
 )
@@ -80,7 +78,7 @@ PREFIXES = ("chat", "user", "party", "tag")
 MEDIA_KINDS = ("image", "file", "voice", "video")
 
 
-class WeComAppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class WeComAppSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     corp_id: str
     corp_secret: Secret
     agent_id: int
@@ -187,11 +185,11 @@ def render(
 
 
 class WeComAppSink(Sink):
-    Options = WeComAppOptions
-    options: WeComAppOptions
+    Options = WeComAppSinkOptions
+    options: WeComAppSinkOptions
     default_rate = "600/minute"
 
-    def __init__(self, name: str, options: WeComAppOptions, ctx: Context) -> None:
+    def __init__(self, name: str, options: WeComAppSinkOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         self.api = WeComApi(
             corp_id=options.corp_id,

@@ -52,17 +52,15 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import msgspec
 
-from adapters.wecom.api import (
-    WECOM_API,
-    ApiError,
-    JsonApi,
+from adapters.wechat.client import WECOM_API, JsonApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.parts import (
     Part,
     PartQuota,
     attachment_line,
     check_limit,
     fits,
     news_parts,
-    send_error,
     send_parts,
     text_parts,
 )
@@ -89,7 +87,7 @@ def parse_key(value: str) -> tuple[str, str | None]:
     return v, None
 
 
-class WebhookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class WeComWebhookSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     key: Secret
     api_base: str | None = None
     timeout: float = 10.0
@@ -134,11 +132,11 @@ def _has_bytes(a: Attachment) -> bool:
 
 
 class WeComWebhookSink(Sink):
-    Options = WebhookOptions
-    options: WebhookOptions
+    Options = WeComWebhookSinkOptions
+    options: WeComWebhookSinkOptions
     default_rate = "20/minute"
 
-    def __init__(self, name: str, options: WebhookOptions, ctx: Context) -> None:
+    def __init__(self, name: str, options: WeComWebhookSinkOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         key, base = parse_key(options.key.reveal())
         self._key = Secret(key)

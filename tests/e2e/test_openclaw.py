@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from adapters import simulate as sim
 from adapters.openclaw.sink import OpenClawSink
+from adapters.wechat import simulate as sim
 from bridge import cli
 from bridge.bus import RUNNER_GROUP
 from bridge.daemon import Daemon

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from adapters import simulate as sim
+from adapters.wechat import simulate as sim
 from bridge.envelope import stable_id
 from tests.integration.test_wechat_inbound import Bridge, MakeBridge, bridges, inbounds
 

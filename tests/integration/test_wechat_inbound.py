@@ -27,7 +27,7 @@ import yarl
 from Crypto.Cipher import AES
 from defusedxml import ElementTree as DefusedET
 
-from adapters.wechat_crypto import WXBizMsgCrypt, decode_aes_key, plain_signature
+from adapters.wechat.crypto import WXBizMsgCrypt, decode_aes_key, plain_signature
 from bridge import logging as blog
 from bridge.daemon import Daemon
 from bridge.envelope import Envelope, decode_envelope, stable_id

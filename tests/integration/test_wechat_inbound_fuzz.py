@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adapters.wechat_crypto import plain_signature
+from adapters.wechat.crypto import plain_signature
 from bridge.adapter import Registry
 from bridge.daemon import Daemon
 from tests.conftest import REDIS_URL

@@ -10,7 +10,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from adapters.wecom.api import ApiError, OfficialAccountApi, TokenCache, WeComApi, send_error
+from adapters.wechat.client import OfficialAccountApi, WeComApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.tokens import TokenCache
 from bridge.bus import Keys
 from bridge.config import Secret
 from bridge.errors import PermanentError, RetryableError

@@ -10,27 +10,26 @@ Order of the checks on a POST, cheapest first, nothing decrypted before the sign
 2. body read up to ``max_body`` bytes (413);
 3. outer body parsed (400), signature checked in constant time (403);
 4. decrypted (400 on bad base64/padding/length/receive id), inner payload parsed (400; no DTD,
-   no entities: see :func:`parse_xml`);
+   no entities: see :func:`adapters.wechat.parsing.parse_xml`);
 5. published with its dedupe key in one Redis round trip; only then answered.
 
-Refusals raise :class:`Refused`; the log line says why (a fixed reason, never a secret, never the
+Refusals raise :class:`CallbackRefused`; the log line says why (a fixed reason, never a secret, never the
 body) and the caller gets the status with that reason as text.
 """
 
 from __future__ import annotations
 
-import pyexpat
-import re
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from adapters.wechat_crypto import BadSignature, CryptoError, WXBizMsgCrypt, decode_aes_key
+from adapters.wechat.crypto import BadSignature, CryptoError, WXBizMsgCrypt, decode_aes_key
+from adapters.wechat.parsing import CallbackRefused, field, seconds
 from bridge.adapter import HttpRoute, Source
 from bridge.config import Secret
 from bridge.envelope import Attachment, Conversation, Envelope, Sender, make_envelope, stable_id
@@ -42,23 +41,13 @@ DEFAULT_MAX_BODY = 65_536
 DEFAULT_TIMESTAMP_TOLERANCE = 300
 #: default lifetime of a dedupe marker; WeChat retries within seconds, so a day is plenty
 DEFAULT_DEDUPE_TTL = 86_400
-_MAX_XML_DEPTH = 16
 _MAX_PARAM = 4096
 
 
-class Refused(Exception):
-    """A request we do not accept: ``status`` for the caller, ``reason`` (fixed text) for both."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def crypto_refusal(e: CryptoError) -> Refused:
+def crypto_refusal(e: CryptoError) -> CallbackRefused:
     if isinstance(e, BadSignature):
-        return Refused(403, "bad signature")
-    return Refused(400, f"cannot decrypt: {e}")  # the crypto's messages are fixed strings
+        return CallbackRefused(403, "bad signature")
+    return CallbackRefused(400, f"cannot decrypt: {e}")  # the crypto's messages are fixed strings
 
 
 class InboundOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -116,9 +105,9 @@ def parse_query(request: web.Request) -> dict[str, str]:
             key = urllib.parse.unquote(name, errors="strict")
             val = urllib.parse.unquote(value, errors="strict")
         except UnicodeDecodeError:
-            raise Refused(400, "query is not UTF-8") from None
+            raise CallbackRefused(400, "query is not UTF-8") from None
         if key in out:
-            raise Refused(400, f"query parameter {key[:40]!r} is repeated")
+            raise CallbackRefused(400, f"query parameter {key[:40]!r} is repeated")
         out[key] = val
     return out
 
@@ -129,7 +118,7 @@ def required(query: Mapping[str, str], *names: str, status: int = 403) -> list[s
     for n in names:
         v = query.get(n, "")
         if not v or len(v) > _MAX_PARAM:
-            raise Refused(status, f"missing {n}")
+            raise CallbackRefused(status, f"missing {n}")
         values.append(v)
     return values
 
@@ -138,15 +127,15 @@ def check_timestamp(timestamp: str, tolerance: int, now: float | None = None) ->
     if not tolerance:
         return
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
-        raise Refused(403, "bad timestamp")
+        raise CallbackRefused(403, "bad timestamp")
     if abs((time.time() if now is None else now) - int(timestamp)) > tolerance:
-        raise Refused(403, "stale timestamp")
+        raise CallbackRefused(403, "stale timestamp")
 
 
 async def read_body(request: web.Request, cap: int) -> bytes:
     """The body, at most ``cap`` bytes; a longer one is refused (413) without reading it all."""
     if request.content_length is not None and request.content_length > cap:
-        raise Refused(413, "body too large")
+        raise CallbackRefused(413, "body too large")
     buf = bytearray()
     try:
         while True:
@@ -155,166 +144,10 @@ async def read_body(request: web.Request, cap: int) -> bytes:
                 break
             buf += chunk
             if len(buf) > cap:
-                raise Refused(413, "body too large")
+                raise CallbackRefused(413, "body too large")
     except HttpProcessingError:
-        raise Refused(400, "unreadable body") from None
+        raise CallbackRefused(400, "unreadable body") from None
     return bytes(buf)
-
-
-# -- payloads ---------------------------------------------------------------------------------------
-
-
-class _Forbidden(Exception):
-    """A DOCTYPE, an entity declaration or an external reference: refused where it appears."""
-
-
-def _forbid(*_: Any) -> None:
-    raise _Forbidden
-
-
-def parse_xml(data: bytes, what: str) -> dict[str, Any]:
-    """``<xml>…</xml>`` as a dict (leaf text, nested dicts, lists for repeated tags).
-
-    What WeChat sends — a flat ``<xml>`` of leaves holding plain text or one CDATA section — takes a
-    short path (:func:`_parse_flat`, half of expat's cost here); anything else, and anything that
-    path is unsure of, goes to expat as described below.
-
-    Built on expat directly, as it parses (no tree first): a leaf's value is all its text (CDATA
-    included, comments skipped), an element with children becomes a dict of them and its own text is
-    dropped; attributes are ignored; namespaced tags read ``{uri}name``. Any DOCTYPE is refused the
-    moment it starts, so no entity can ever be declared (no billion laughs, no external entities:
-    what defusedxml's ``forbid_dtd`` does); nesting past 16 levels, malformed XML and a root other
-    than ``<xml>`` are refused too. Every refusal is a 400.
-    """
-    flat = _parse_flat(data)
-    if flat is not None:
-        return flat
-    return _parse_expat(data, what)
-
-
-#: one leaf, after optional whitespace: ``<Name>`` (plain ASCII name, no attributes), then either one
-#: CDATA section (any text without ``]]>``) or plain text (no ``<``, ``&`` or ``]``), then ``</Name>``
-_LEAF = re.compile(
-    r"[ \t\n]*<([A-Za-z_][A-Za-z0-9_.\-]{0,63})>"
-    r"(?:<!\[CDATA\[([^\]]*(?:\](?!\]>)[^\]]*)*)\]\]>|([^<&\]]*))</\1>"
-)
-_FLAT_END = re.compile(r"[ \t\n]*</xml>[ \t\n]*")
-#: bytes XML forbids (C0 controls but tab and newline) or changes (``\r`` is normalized) map to 0
-_UNSURE = bytes(0 if b < 0x20 and b not in (0x09, 0x0A) else 1 for b in range(256))
-
-
-def _parse_flat(data: bytes) -> dict[str, Any] | None:
-    """A flat document as :func:`parse_xml`'s dict, or None when it is not plainly one.
-
-    Only UTF-8 that starts with ``<xml>``, holds nothing but :data:`_LEAF` leaves separated by
-    spaces, tabs or newlines, and has no byte XML forbids or rewrites: such a document is well formed,
-    has no DTD, no entity and no markup in any text, so its dict is exactly what expat gives (tests
-    check this against expat on generated documents). Everything else returns None: expat decides.
-    """
-    if not data.startswith(b"<xml>") or 0 in data.translate(_UNSURE):
-        return None
-    if b"\xef\xbf\xbe" in data or b"\xef\xbf\xbf" in data:  # U+FFFE, U+FFFF: not XML characters
-        return None
-    try:
-        s = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    out: dict[str, Any] = {}
-    pos = 5
-    match = _LEAF.match
-    while (m := match(s, pos)) is not None:
-        name, cdata, text = m.groups()
-        _put(out, name, text if cdata is None else cdata)
-        pos = m.end()
-    return out if _FLAT_END.fullmatch(s, pos) is not None else None
-
-
-def _parse_expat(data: bytes, what: str) -> dict[str, Any]:
-    stack: list[list[Any]] = []  # per open element: [tag, children dict or None, text parts]
-    top: list[tuple[str, Any]] = []
-
-    def start(tag: str, _attrs: Any) -> None:
-        if len(stack) > _MAX_XML_DEPTH:
-            raise Refused(400, "XML nested too deeply")
-        stack.append([tag, None, []])
-
-    def end(_tag: str) -> None:
-        tag, children, text = stack.pop()
-        value = children if children is not None else "".join(text)
-        if "}" in tag:
-            tag = "{" + tag
-        if not stack:
-            top.append((tag, value))
-            return
-        parent = stack[-1]
-        siblings = parent[1]
-        if siblings is None:
-            siblings = parent[1] = {}
-        _put(siblings, tag, value)
-
-    def chars(text: str) -> None:
-        if stack:
-            stack[-1][2].append(text)
-
-    p = pyexpat.ParserCreate(None, "}")
-    p.StartElementHandler = start
-    p.EndElementHandler = end
-    p.CharacterDataHandler = chars
-    p.StartDoctypeDeclHandler = _forbid
-    p.EntityDeclHandler = _forbid
-    p.UnparsedEntityDeclHandler = _forbid
-    p.ExternalEntityRefHandler = _forbid  # type: ignore[assignment]
-    p.buffer_text = True
-    try:
-        p.Parse(data, True)
-    except _Forbidden:
-        raise Refused(400, f"{what}: DTD or entity refused") from None
-    except (pyexpat.ExpatError, ValueError, LookupError, RecursionError):
-        raise Refused(400, f"{what}: malformed XML") from None
-    if not top:  # pragma: no cover - expat refuses a document without a root element
-        raise Refused(400, f"{what}: malformed XML")
-    tag, value = top[0]
-    if tag != "xml":
-        raise Refused(400, f"{what}: root element is not <xml>")
-    return value if isinstance(value, dict) else {}
-
-
-def _put(out: dict[str, Any], tag: str, value: Any) -> None:
-    """``out[tag] = value``; a repeated tag becomes the list of its values, in order."""
-    prev = out.get(tag)
-    if prev is None:  # values are strings, dicts or lists, never None
-        out[tag] = value
-    elif isinstance(prev, list):
-        prev.append(value)
-    else:
-        out[tag] = [prev, value]
-
-
-def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = msgspec.json.decode(data)
-    except (ValueError, RecursionError):  # msgspec.DecodeError, UnicodeDecodeError
-        raise Refused(400, f"{what}: malformed JSON") from None
-    if not isinstance(value, dict):
-        raise Refused(400, f"{what}: not a JSON object")
-    return value
-
-
-def field(d: Mapping[str, Any], key: str) -> str:
-    """A leaf field as a string ("" when missing or not a leaf)."""
-    v = d.get(key)
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool):
-        return ""
-    if isinstance(v, int | float):
-        return str(v)
-    return ""
-
-
-def seconds(value: str) -> float | None:
-    v = value.strip()
-    return float(v) if v.isascii() and v.isdigit() and len(v) <= 12 else None
 
 
 # -- XML messages (WeCom app, Official Account) -----------------------------------------------------
@@ -325,6 +158,9 @@ def xml_message(
 ) -> tuple[Envelope, str]:
     """A decrypted WeCom-app / Official-Account message as an envelope, and its dedupe key.
 
+    Text and attachments come from :data:`XML_CONTENT`, one small function per ``MsgType``; a type
+    it does not know becomes an ``other`` attachment.
+
     Dedupe: ``MsgId`` (``MsgID`` in some OA events); events without one on
     FromUserName+CreateTime+Event+EventKey (the key tells two menu clicks in one second apart);
     anything else on the whole payload.
@@ -333,61 +169,19 @@ def xml_message(
     from_user = field(msg, "FromUserName")
     msg_id = (field(msg, "MsgId") or field(msg, "MsgID")).strip()
     created = seconds(field(msg, "CreateTime"))
-    text = ""
-    attachments: list[Attachment] = []
     kind = "message"
     event: str | None = None
+    text, attachments = "", list[Attachment]()
     meta = {**meta, "msg_type": msg_type}
     if msg_id:
         meta["msg_id"] = msg_id
-    if msg_type == "text":
-        text = field(msg, "Content")
-    elif msg_type == "image":
-        attachments.append(
-            Attachment("image", url=field(msg, "PicUrl") or None, media_id=field(msg, "MediaId") or None)
-        )
-    elif msg_type == "voice":
-        text = field(msg, "Recognition")  # OA speech recognition, when switched on
-        attachments.append(
-            Attachment("voice", media_id=field(msg, "MediaId") or None, extra=_extra(msg, Format="format"))
-        )
-    elif msg_type in ("video", "shortvideo"):
-        attachments.append(
-            Attachment(
-                "video",
-                media_id=field(msg, "MediaId") or None,
-                extra=_extra(msg, ThumbMediaId="thumb_media_id"),
-            )
-        )
-    elif msg_type == "location":
-        attachments.append(
-            Attachment(
-                "location",
-                title=field(msg, "Label") or None,
-                extra=_extra(msg, Location_X="latitude", Location_Y="longitude", Scale="scale"),
-            )
-        )
-    elif msg_type == "link":
-        attachments.append(
-            Attachment(
-                "link",
-                url=field(msg, "Url") or None,
-                title=field(msg, "Title") or None,
-                description=field(msg, "Description") or None,
-                extra=_extra(msg, PicUrl="pic_url"),
-            )
-        )
-    elif msg_type == "file":
-        attachments.append(
-            Attachment("file", media_id=field(msg, "MediaId") or None, name=field(msg, "Title") or None)
-        )
-    elif msg_type == "event":
+    if msg_type == "event":
         kind = "event"
         event = field(msg, "Event")
         if field(msg, "EventKey"):
             meta["event_key"] = field(msg, "EventKey")
     else:
-        attachments.append(Attachment("other", extra={"msg_type": msg_type}))
+        text, attachments = XML_CONTENT.get(msg_type, _other)(msg)
     if msg_id:
         key = stable_id(source, "msg", msg_id)
     elif kind == "event":
@@ -412,6 +206,68 @@ def xml_message(
     return env, key
 
 
+Content = tuple[str, list[Attachment]]
+
+
+def _text(msg: Mapping[str, Any]) -> Content:
+    return field(msg, "Content"), []
+
+
+def _image(msg: Mapping[str, Any]) -> Content:
+    return "", [Attachment("image", url=field(msg, "PicUrl") or None, media_id=field(msg, "MediaId") or None)]
+
+
+def _voice(msg: Mapping[str, Any]) -> Content:
+    # Recognition: the OA's speech recognition, when switched on
+    media_id = field(msg, "MediaId") or None
+    return field(msg, "Recognition"), [
+        Attachment("voice", media_id=media_id, extra=_extra(msg, Format="format"))
+    ]
+
+
+def _video(msg: Mapping[str, Any]) -> Content:
+    extra = _extra(msg, ThumbMediaId="thumb_media_id")
+    return "", [Attachment("video", media_id=field(msg, "MediaId") or None, extra=extra)]
+
+
+def _location(msg: Mapping[str, Any]) -> Content:
+    extra = _extra(msg, Location_X="latitude", Location_Y="longitude", Scale="scale")
+    return "", [Attachment("location", title=field(msg, "Label") or None, extra=extra)]
+
+
+def _link(msg: Mapping[str, Any]) -> Content:
+    link = Attachment(
+        "link",
+        url=field(msg, "Url") or None,
+        title=field(msg, "Title") or None,
+        description=field(msg, "Description") or None,
+        extra=_extra(msg, PicUrl="pic_url"),
+    )
+    return "", [link]
+
+
+def _file(msg: Mapping[str, Any]) -> Content:
+    return "", [Attachment("file", media_id=field(msg, "MediaId") or None, name=field(msg, "Title") or None)]
+
+
+def _other(msg: Mapping[str, Any]) -> Content:
+    """A type this table does not know: kept as an ``other`` attachment, never dropped."""
+    return "", [Attachment("other", extra={"msg_type": field(msg, "MsgType")})]
+
+
+#: MsgType → the message's text and attachments (events are handled by :func:`xml_message`)
+XML_CONTENT: dict[str, Callable[[Mapping[str, Any]], Content]] = {
+    "text": _text,
+    "image": _image,
+    "voice": _voice,
+    "video": _video,
+    "shortvideo": _video,
+    "location": _location,
+    "link": _link,
+    "file": _file,
+}
+
+
 def _extra(msg: Mapping[str, Any], **names: str) -> dict[str, Any]:
     return {out: field(msg, k) for k, out in names.items() if field(msg, k)}
 
@@ -419,7 +275,7 @@ def _extra(msg: Mapping[str, Any], **names: str) -> dict[str, Any]:
 def require_fields(msg: Mapping[str, Any], *names: str) -> None:
     for n in names:
         if not field(msg, n).strip():
-            raise Refused(400, f"payload has no {n}")
+            raise CallbackRefused(400, f"payload has no {n}")
 
 
 # -- the base class ----------------------------------------------------------------------------------
@@ -452,7 +308,7 @@ class WeChatInbound(Source):
     async def _get(self, request: web.Request) -> web.Response:
         try:
             body = await self.verify_url(parse_query(request))
-        except Refused as e:
+        except CallbackRefused as e:
             return self.refuse(request, e)
         except CryptoError as e:
             return self.refuse(request, crypto_refusal(e))
@@ -462,12 +318,12 @@ class WeChatInbound(Source):
     async def _post(self, request: web.Request) -> web.Response:
         try:
             return await self.accept(request, parse_query(request))
-        except Refused as e:
+        except CallbackRefused as e:
             return self.refuse(request, e)
         except CryptoError as e:
             return self.refuse(request, crypto_refusal(e))
 
-    def refuse(self, request: web.Request, e: Refused) -> web.Response:
+    def refuse(self, request: web.Request, e: CallbackRefused) -> web.Response:
         self.log.warning(
             "wechat.refused",
             type=self.type_name,
