@@ -41,7 +41,6 @@ from adapters.wecom.api import (
     ApiError,
     OfficialAccountApi,
     Part,
-    PartQuota,
     article,
     attachment_line,
     check_limit,
@@ -124,7 +123,6 @@ class WeChatOASink(Sink):
             state_key=ctx.state_key,
             refresh_ratio=options.refresh_ratio,
         )
-        self.quota = PartQuota(self, self.default_rate)
 
     async def send(self, delivery: Delivery, ctx: SendContext) -> str:
         openid = openid_of(delivery)
@@ -146,5 +144,5 @@ class WeChatOASink(Sink):
                 ) from None
             return None
 
-        await send_parts(ctx, parts, one, self.quota)
+        await send_parts(ctx, parts, one)
         return f"oa:{openid}:{len(parts)}"

@@ -174,24 +174,24 @@ async def test_the_read_claims_the_markers_of_what_it_read(
 ) -> None:
     """Entries written with their delivery id are claimed in the read's own round trip: the runner's
     separate claim call is never used for them (only for acks)."""
-    from bridge.runner import Runner
+    from bridge.runner import AckBatch, ReadClaim
 
     claims: list[list[str]] = []
     read: dict[str, str] = {}
-    original, original_read = Runner._sync_call, Runner._read_claiming
+    original, original_read = AckBatch.sync, ReadClaim.__call__
 
-    async def spy(self: Runner, claim: list[str]) -> list[str]:
+    async def spy(self: AckBatch, claim: Any = ()) -> Any:
         claims.append(list(claim))
         return await original(self, claim)
 
-    async def spy_read(self: Runner, count: int, last: str) -> Any:
-        got = await original_read(self, count, last)
+    async def spy_read(self: ReadClaim, count: int, stop: asyncio.Event) -> Any:
+        got = await original_read(self, count, stop)
         if got is not None:
-            read.update(got[1])
+            read.update({eid: c.status.value for eid, c in got[1].items()})
         return got
 
-    monkeypatch.setattr(Runner, "_sync_call", spy)
-    monkeypatch.setattr(Runner, "_read_claiming", spy_read)
+    monkeypatch.setattr(AckBatch, "sync", spy)
+    monkeypatch.setattr(ReadClaim, "__call__", spy_read)
     d, sink = await start(write_config, start_daemon)
     for i in range(5):
         await publish(d, f"m{i}", conv=f"g{i}")
