@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 from bridge.bus import Keys
-from bridge.scripts import PUBLISH_MANY
 from bridge.envelope import Conversation, Envelope, Sender, encode, stable_id
+from bridge.scripts import PUBLISH_MANY
 
 
 def envelope(source: str, n: int, conversations: int, run: str) -> Envelope:
