@@ -1,4 +1,4 @@
--- claim (fragment): take a delivery's idempotency marker for an owner, unless it was sent or another
+-- fragment claim: take a delivery's idempotency marker for an owner, unless it was sent or another
 -- live instance holds it. Defines one local function; sets no variables.
 --   claim(marker, owner, prefix, ttl_ms) -> 'ok'               the marker is now ours for ttl_ms
 --                                        -> 'busy'             another live instance holds it

@@ -1,4 +1,4 @@
--- gcra (fragment): the generic cell rate algorithm over several keys at once, on Redis' clock.
+-- fragment gcra: the generic cell rate algorithm over several keys at once, on Redis' clock.
 -- Defines one local function; sets no variables.
 --   gcra(first_key, first_arg) -> wait in ms (a number; 0 = allowed)
 -- Reads KEYS[first_key ..] (each the "theoretical arrival time", TAT, in ms) with, per key, two
