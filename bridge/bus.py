@@ -101,26 +101,33 @@ def connect(url: str, socket_timeout: float = 3.0) -> Any:
 _PACKING: dict[type, type] = {}
 
 
-def _hiredis_packing(cls: type) -> type:
-    """``cls`` packing commands with hiredis (C) instead of redis-py's Python loop.
+def hiredis_pack(self: Any, *args: Any) -> list[bytes]:
+    """A connection's ``pack_command`` by hiredis (C): the bytes redis-py's own Python loop makes.
 
-    redis-py's asyncio connection packs every argument in Python (about a microsecond each: a
-    few percent of the relay's CPU, whose Lua calls carry hundreds of arguments); hiredis packs
-    the same bytes. Without hiredis' packer, ``cls`` itself.
+    A speed hack on a private redis-py API, fenced: redis-py's ``pack_command`` stays the
+    reference, tests/unit/test_hiredis_packing.py checks both give the same bytes for many argument
+    shapes (hypothesis) and fails loudly when redis-py's connection class no longer has the method
+    this overrides or no longer packs pipelines through it. Kept because the relay's Lua calls
+    carry hundreds of arguments each (the figures are in bench/RESULTS.md).
     """
+    from hiredis import pack_command
+
+    head = args[0]  # "CONFIG GET": separate words, split exactly as redis-py splits them
+    if isinstance(head, str):
+        args = (*head.encode().split(), *args[1:])
+    elif b" " in head:
+        args = (*head.split(), *args[1:])
+    return [pack_command(args)]
+
+
+def _hiredis_packing(cls: type) -> type:
+    """``cls`` packing commands with :func:`hiredis_pack` (``cls`` itself without hiredis)."""
     try:
-        from hiredis import pack_command
+        import hiredis  # noqa: F401
     except ImportError:  # pragma: no cover - hiredis is a dependency (redis[hiredis])
         return cls
     if cls not in _PACKING:
-
-        def pack(self: Any, *args: Any) -> list[bytes]:
-            head = args[0]  # "CONFIG GET": separate words, as redis-py does
-            if (isinstance(head, str) and " " in head) or (isinstance(head, bytes) and b" " in head):
-                args = (*head.split(), *args[1:])
-            return [pack_command(args)]
-
-        _PACKING[cls] = type(f"HiredisPacking{cls.__name__}", (cls,), {"pack_command": pack})
+        _PACKING[cls] = type(f"HiredisPacking{cls.__name__}", (cls,), {"pack_command": hiredis_pack})
     return _PACKING[cls]
 
 
