@@ -18,7 +18,9 @@ every key one script touches lives in one slot):
 ====================================  =========================================================
 
 Consumer groups: ``router`` on the inbound stream, ``runner`` on each out stream; consumer names are
-``<instance>`` so a restarted instance first drains its own pending entries.
+``<instance>`` so a restarted instance first drains its own pending entries. Entry fields:
+:class:`Field`. The scripts the bus runs (``publish_many.lua``, ``add_deliveries.lua``) are wrapped in
+:mod:`bridge.scripts`.
 """
 
 from __future__ import annotations
