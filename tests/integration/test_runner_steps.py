@@ -4,6 +4,7 @@ without a daemon (``run_until_idle``)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 
 from bridge import logging as blog
-from bridge.adapter import Context, NoOptions, RetryableError
+from bridge.adapter import Context, NoOptions, RetryableError, SendContext
 from bridge.bus import RUNNER_GROUP, UNAVAILABLE, Bus, Field, Keys, connect
 from bridge.config import Config
 from bridge.envelope import Conversation, Delivery, make_envelope
@@ -168,3 +169,25 @@ async def test_a_runner_built_alone_runs_until_idle(
     runner = Runner(sink, cfg.outbound[0], bus, "t1")
     await asyncio.wait_for(runner.run_until_idle(), 10)
     assert len(sink.sent) == 4 and runner.sent == 0
+
+
+async def test_charge_part_uses_the_runners_limits_and_yields_to_the_runner_past_the_deadline(
+    redis: Any, prefix: str, write_config: Any, tmp_path: Path
+) -> None:
+    """A sink's further parts are charged to the very keys and rates the runner's claim charges."""
+    cfg: Config = write_config(SINK.replace("retry_max = 0.05\n", 'retry_max = 0.05\nrate = "1/minute"\n'))
+    bus = Bus(redis, Keys(prefix))
+    async with aiohttp.ClientSession() as http:
+        sink = CollectSink("c", NoOptions(), Context(cfg, bus, redis, "t1", tmp_path, lambda: http))
+        runner = Runner(sink, cfg.outbound[0], bus, "t1")
+    d = delivery(0, "a")
+    [limit] = runner.limits(d)
+    assert limit.key == bus.keys.rate("c", 0) and limit.rate == runner.rates[0]
+    ctx = SendContext(d, runner, budget=5.0)
+    await ctx.charge_part("part 1")
+    assert await redis.get(limit.key) is not None  # charged
+    with pytest.raises(RetryableError, match="part 2; waiting for quota") as e:
+        await ctx.charge_part("part 2")  # the next token is a minute away: past the budget
+    assert e.value.retry_after is not None and 59 < e.value.retry_after <= 60
+    with pytest.raises(RetryableError, match="ran long"):
+        await runner.charge_part(d, time.monotonic() - 1, "part 2")
