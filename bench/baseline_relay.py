@@ -22,6 +22,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from bridge.bus import Field
 from bridge.http1 import Http1Pool
 
 
@@ -69,7 +70,7 @@ async def relay(
             if not res:
                 continue
             entries = res[0][1]
-            await asyncio.gather(*(post(f[b"e"]) for _, f in entries))
+            await asyncio.gather(*(post(f[Field.ENVELOPE.key]) for _, f in entries))
             await r.xack(stream, "base", *[eid for eid, _ in entries])
     finally:
         await session.close()

@@ -11,10 +11,11 @@ A **Sink** sends one delivery and returns the remote id, raising :class:`Retryab
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 import msgspec
@@ -116,21 +117,50 @@ class Source(Adapter):
         """The long-lived task; restarted with backoff if it crashes."""
 
 
-class SendContext:
-    """Per-delivery help for a sink: progress of split deliveries, and answers that go home."""
+class DeliveryServices(Protocol):
+    """What a sink may ask of the runner sending its delivery (the runner implements it)."""
 
-    def __init__(self, delivery: Delivery, runner: Any) -> None:
+    async def parts_sent(self, d: Delivery) -> int: ...
+
+    async def part_sent(self, d: Delivery, n: int) -> None: ...
+
+    async def charge_part(self, d: Delivery, deadline: float, progress: str) -> None: ...
+
+    async def draft(self, envelope_id: str, text: str) -> None: ...
+
+    async def reply(self, d: Delivery, text: str, *, seq: int, format: str, **fields: Any) -> bool: ...
+
+
+class SendContext:
+    """Per-delivery help for a sink: progress of split deliveries, their quota, answers that go home.
+
+    One is made for each attempt. ``budget``: seconds the attempt may spend waiting for quota
+    (:meth:`charge_part`) before it yields to the runner (which keeps its claim on the delivery
+    for twice that).
+    """
+
+    def __init__(self, delivery: Delivery, runner: DeliveryServices, *, budget: float = 300.0) -> None:
         self.delivery = delivery
         self._runner = runner
+        self.deadline = time.monotonic() + budget
 
     async def parts_sent(self) -> int:
         """How many parts of this delivery a previous attempt already sent."""
-        n: int = await self._runner.parts_sent(self.delivery)
-        return n
+        return await self._runner.parts_sent(self.delivery)
 
     async def part_sent(self, n: int) -> None:
         """Record that parts ``0..n-1`` are sent, so a retry starts at part ``n``."""
         await self._runner.part_sent(self.delivery, n)
+
+    async def charge_part(self, progress: str) -> None:
+        """Take the rate quota of one more part of this delivery (the attempt paid for its first).
+
+        Charges the runner's rate keys for this delivery (the sink's, the recipient's): every part
+        is a message the platform counts. Waits for quota here while the attempt stays within its
+        budget; past it raises :class:`RetryableError` (with the wait as ``retry_after``) and the
+        next attempt goes on from the parts recorded. ``progress`` starts that error's message.
+        """
+        await self._runner.charge_part(self.delivery, self.deadline, progress)
 
     @property
     def origin_envelope_id(self) -> str:
@@ -141,12 +171,11 @@ class SendContext:
     async def draft(self, text: str) -> None:
         """Publish the answer so far (streamed deltas) for the origin message; sources that stream
         replies (the WeCom AI bot) show it before the final reply arrives."""
-        await self._runner.ctx.set_draft(self.origin_envelope_id, text)
+        await self._runner.draft(self.origin_envelope_id, text)
 
     async def reply(self, text: str, *, seq: int = 0, format: str = "text", **fields: Any) -> bool:
         """Publish the sink's answer as an inbound envelope of kind ``reply`` (routed home)."""
-        ok: bool = await self._runner.reply(self.delivery, text, seq=seq, format=format, **fields)
-        return ok
+        return await self._runner.reply(self.delivery, text, seq=seq, format=format, **fields)
 
 
 class Sink(Adapter):

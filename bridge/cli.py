@@ -19,7 +19,7 @@ import msgspec
 
 from bridge import logging as blog
 from bridge.adapter import Registry
-from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Keys, connect
+from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Field, Keys, connect
 from bridge.config import Config, load, masked
 from bridge.embedded_redis import client_url
 from bridge.envelope import Conversation, Sender, decode_delivery, make_envelope
@@ -88,7 +88,7 @@ async def _tail(cfg: Config, stream: str, count: int) -> int:
             for k, v in fields.items():
                 name = k.decode()
                 try:
-                    row[name] = json.loads(v) if name in ("e", "d") else v.decode()
+                    row[name] = json.loads(v) if name in (Field.ENVELOPE, Field.DELIVERY) else v.decode()
                 except (ValueError, UnicodeDecodeError):
                     row[name] = v.decode(errors="replace")
             print(json.dumps(row, ensure_ascii=False))
@@ -173,7 +173,7 @@ async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
             print(f"error: no dead letter {', '.join(i for i in ids if i not in found)}", file=sys.stderr)
             return 1
         for eid, fields in entries:
-            raw = fields.get(b"d", b"")
+            raw = fields.get(Field.DELIVERY.key, b"")
             try:
                 d = decode_delivery(raw)
             except ValueError:
@@ -184,7 +184,7 @@ async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
                 continue
             pipe = r.pipeline(transaction=False)
             pipe.delete(keys.mark(d.sink, d.id))
-            fields = {"d": raw, "i": d.id}
+            fields = {Field.DELIVERY: raw, Field.DELIVERY_ID: d.id}
             pipe.xadd(keys.out(d.sink), fields, maxlen=cfg.redis.stream_maxlen, approximate=True)
             pipe.xdel(keys.dead, eid)
             await pipe.execute()

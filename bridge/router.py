@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from bridge import logging as blog
-from bridge.bus import ROUTER_GROUP, Bus
+from bridge.bus import ROUTER_GROUP, Bus, Field
 from bridge.config import Config, OutboundConfig, RouteConfig
-from bridge.envelope import Delivery, Envelope, decode_envelope, delivery_id
+from bridge.envelope import Delivery, Envelope, Origin, decode_envelope, delivery_id, make_envelope, stable_id
 
 log = blog.get("router")
 
@@ -35,6 +36,32 @@ def matches(route: RouteConfig, env: Envelope) -> bool:
     if m.mentions_only and env.conversation.kind == "group" and not env.mentions_me:
         return False
     return not (route.pattern is not None and not route.pattern.search(env.text))
+
+
+def reply_envelope(d: Delivery, sink: str, text: str, *, seq: int = 0, format: str = "text",
+                   **fields: Any) -> Envelope:  # fmt: skip
+    """The envelope of kind ``reply`` carrying ``sink``'s answer to delivery ``d`` home.
+
+    Its ``origin`` is the message the delivery ultimately answers (a reply's own origin, so a chain of
+    answers still goes home to the first conversation); its id is stable in (delivery, ``seq``), so a
+    retried send that answers again publishes a duplicate the bus drops.
+    """
+    env = d.envelope
+    origin = env.origin if env.kind == "reply" and env.origin else Origin(
+        source=env.source, conversation=env.conversation, envelope_id=env.id, sender=env.sender
+    )  # fmt: skip
+    return make_envelope(
+        sink,
+        origin.conversation,
+        text,
+        id=stable_id("reply", d.id, str(seq)),
+        kind="reply",
+        reply_to=env.id,
+        origin=origin,
+        hops=env.hops + 1,
+        format=format,
+        **fields,
+    )
 
 
 def plan(
@@ -146,7 +173,7 @@ class Router:
         out: list[Delivery] = []
         for eid, fields in entries:
             ids.append(eid)
-            raw = fields.get(b"e")
+            raw = fields.get(Field.ENVELOPE.key)
             try:
                 if raw is None:
                     raise ValueError("no envelope field")

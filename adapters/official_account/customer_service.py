@@ -40,7 +40,6 @@ from adapters.wechat.client import OA_API, OfficialAccountApi
 from adapters.wechat.errcodes import ApiError, send_error
 from adapters.wechat.parts import (
     Part,
-    PartQuota,
     article,
     attachment_line,
     check_limit,
@@ -123,7 +122,6 @@ class WeChatOASink(Sink):
             state_key=ctx.state_key,
             refresh_ratio=options.refresh_ratio,
         )
-        self.quota = PartQuota(self, self.default_rate)
 
     async def send(self, delivery: Delivery, ctx: SendContext) -> str:
         openid = openid_of(delivery)
@@ -145,5 +143,5 @@ class WeChatOASink(Sink):
                 ) from None
             return None
 
-        await send_parts(ctx, parts, one, self.quota)
+        await send_parts(ctx, parts, one)
         return f"oa:{openid}:{len(parts)}"

@@ -2,24 +2,20 @@
 
 - :class:`Part` and the builders (:func:`text_parts`, :func:`news_parts`, :func:`attachment_line`):
   a delivery cut to the sink's byte limits, numbered "(i/n)" when split;
-- :func:`send_parts` and :class:`PartQuota`: the parts of a split delivery go out in order, a retry
+- :func:`send_parts`: the parts of a split delivery go out in order, a retry
   starts after the last part sent, and every part after the first is charged to the same rate keys
   the runner charges once per attempt.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.adapter import SendContext, Sink
+from bridge.adapter import SendContext
 from bridge.config import Rate, parse_rates
-from bridge.envelope import Attachment, Delivery
-from bridge.errors import RetryableError
-from bridge.ratelimit import Limit, Limiter
+from bridge.envelope import Attachment
 from bridge.text import split_text
 
 JSON = dict[str, Any]
@@ -75,62 +71,17 @@ def news_parts(links: Sequence[Attachment], per_message: int = 8) -> list[Part]:
     ]
 
 
-class PartQuota:
-    """Charges a part after the first to the runner's rate keys (the sink's, the recipient's).
-
-    The runner charges one token per attempt, which pays for the attempt's first part; every
-    further part is a message WeChat counts too. Waits for quota are slept here, but one attempt
-    stays within ``claim_idle / 2`` (the runner's claim on the delivery lasts ``claim_idle``):
-    past that the send yields with RetryableError(retry_after); the parts sent so far are
-    recorded, so the next attempt goes on from there.
-    """
-
-    def __init__(self, sink: Sink, default_rate: str | None) -> None:
-        self.sink = sink
-        keys = sink.ctx.bus.keys
-        cfg = sink.ctx.config.outbound_by_name(sink.name)
-        spec = cfg.rate if cfg is not None and cfg.rate is not None else (default_rate or "")
-        burst = cfg.burst if cfg is not None else 1
-        self.budget = (cfg.claim_idle if cfg is not None else 600.0) / 2
-        self.limits = [Limit(keys.rate(sink.name, n), r, burst) for n, r in enumerate(parse_rates(spec))]
-        self._keys = keys
-        self._limiter = Limiter(sink.ctx.redis)
-
-    def for_delivery(self, delivery: Delivery) -> list[Limit]:
-        limits = list(self.limits)
-        for recipient, rates in self.sink.recipient_limits(delivery):
-            limits += [
-                Limit(self._keys.rate(self.sink.name, n, recipient), r, 1) for n, r in enumerate(rates)
-            ]
-        return limits
-
-    async def take(self, limits: Sequence[Limit], deadline: float, progress: str) -> None:
-        """Wait for a token from every limit, or yield to the runner if that ends past ``deadline``."""
-        while True:
-            if time.monotonic() > deadline:
-                raise RetryableError(f"{progress}; this attempt ran long, the next one goes on", 0.0)
-            wait = await self._limiter.acquire(limits)
-            if wait <= 0:
-                return
-            if time.monotonic() + wait > deadline:
-                raise RetryableError(f"{progress}; waiting for quota before the next part", wait)
-            await asyncio.sleep(wait)
-
-
 async def send_parts(
     ctx: SendContext,
     parts: Sequence[Part],
     send_one: Callable[[int, Part], Awaitable[str | None]],
-    quota: PartQuota,
 ) -> list[str]:
     """Send ``parts[k:]`` in order, where ``k`` parts went out on earlier attempts; record each."""
     first = await ctx.parts_sent()
-    limits = quota.for_delivery(ctx.delivery)
-    deadline = time.monotonic() + quota.budget
     ids: list[str] = []
     for i in range(first, len(parts)):
         if i > first:
-            await quota.take(limits, deadline, f"rate limit: {i} of {len(parts)} parts sent")
+            await ctx.charge_part(f"rate limit: {i} of {len(parts)} parts sent")
         remote = await send_one(i, parts[i])
         if remote:
             ids.append(remote)

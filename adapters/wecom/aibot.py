@@ -44,7 +44,7 @@ from aiohttp import web
 from adapters.wechat.callback import InboundOptions, check_aes_key, read_body
 from adapters.wechat.crypto import WXBizMsgCrypt
 from adapters.wechat.parsing import CallbackRefused, field, parse_json_object
-from adapters.wecom.aibot_state import ADAPTER, Owner, StreamState
+from adapters.wecom.aibot_state import ADAPTER, FinalBy, StreamState
 from adapters.wecom.app_callback import WeComSigned
 from bridge.adapter import Context
 from bridge.config import Secret
@@ -240,12 +240,12 @@ class WeComAIBotSource(WeComSigned):
         text, final = draft if draft is not None else ("", False)
         owner = now.final_by
         if final and owner is None:
-            if await state.claim_final(Owner.STREAM):
-                owner = Owner.STREAM
+            if await state.claim_final(FinalBy.STREAM):
+                owner = FinalBy.STREAM
                 self.log.info("wecom_aibot.stream_final", envelope=stream_id)
             else:
                 owner = await state.final_by()
-        if owner is Owner.RESPONSE_URL:  # the answer went (or goes) to response_url: end the stream
+        if owner is FinalBy.RESPONSE_URL:  # the answer went (or goes) to response_url: end the stream
             return ("" if final else fit(text)), True, stream_id
         return fit(text), final, stream_id
 

@@ -35,7 +35,7 @@ import aiohttp
 import msgspec
 
 from adapters.wecom.aibot import CONTENT_MAX_BYTES
-from adapters.wecom.aibot_state import ADAPTER, RESPONSE_URL_TTL, TTL, Owner, StreamState
+from adapters.wecom.aibot_state import ADAPTER, RESPONSE_URL_TTL, TTL, FinalBy, StreamState
 from bridge.adapter import SendContext, Sink
 from bridge.envelope import Delivery
 from bridge.errors import PermanentError, RetryableError
@@ -90,7 +90,7 @@ class WeComAIBotSink(Sink):
             self.log.info("wecom_aibot.answered", envelope=origin, via=via, parts=len(parts))
             done = 1
         if done < len(parts):
-            if await state.final_by() is not Owner.STREAM:
+            if await state.final_by() is not FinalBy.STREAM:
                 raise PermanentError(
                     "part 2 of 2 of the answer was not delivered: the stream window had closed, "
                     "so response_url carried part 1"
@@ -112,9 +112,9 @@ class WeComAIBotSink(Sink):
                 await asyncio.sleep(min(self.options.poll_interval, left))
                 owner = await state.final_by()
         if owner is None:
-            claimed = await state.claim_final(Owner.RESPONSE_URL)
-            owner = Owner.RESPONSE_URL if claimed else await state.final_by()
-        if owner is Owner.STREAM:
+            claimed = await state.claim_final(FinalBy.RESPONSE_URL)
+            owner = FinalBy.RESPONSE_URL if claimed else await state.final_by()
+        if owner is FinalBy.STREAM:
             return "stream"
         await self._post(state, text)
         return "response_url"

@@ -16,7 +16,7 @@ from typing import Any
 ARRIVED = "t"  # unix time the message arrived (the first try, kept by retries)
 DEADLINE = "deadline"  # unix time the stream window closes ("0": no stream)
 RESPONSE_URL = "response_url"  # the message's response_url, when it has one
-FINAL_BY = "final_by"  # who delivers the final answer: an :class:`Owner`
+FINAL_BY = "final_by"  # who delivers the final answer: an :class:`FinalBy`
 RESPONSE_URL_USED = "response_url_used"  # "1" once an answer was posted to response_url
 
 #: the ``adapter`` part of the state key (``Context.state_key``)
@@ -27,7 +27,7 @@ TTL = 7200
 RESPONSE_URL_TTL = 3600
 
 
-class Owner(enum.StrEnum):
+class FinalBy(enum.StrEnum):
     """Which path delivers the final answer."""
 
     STREAM = "stream"
@@ -39,7 +39,7 @@ class Snapshot:
     arrived_at: float
     deadline: float
     response_url: str
-    final_by: Owner | None
+    final_by: FinalBy | None
     response_url_used: bool
 
 
@@ -76,10 +76,10 @@ class StreamState:
     async def exists(self) -> bool:
         return bool(await self.redis.exists(self.key))
 
-    async def final_by(self) -> Owner | None:
+    async def final_by(self) -> FinalBy | None:
         return _owner(await self.redis.hget(self.key, FINAL_BY))
 
-    async def claim_final(self, owner: Owner) -> bool:
+    async def claim_final(self, owner: FinalBy) -> bool:
         """Claim the final answer for ``owner``: True when this call claimed it."""
         return bool(await self.redis.hsetnx(self.key, FINAL_BY, owner.value))
 
@@ -87,9 +87,9 @@ class StreamState:
         await self.redis.hset(self.key, RESPONSE_URL_USED, "1")
 
 
-def _owner(value: bytes | None) -> Owner | None:
+def _owner(value: bytes | None) -> FinalBy | None:
     try:
-        return Owner(value.decode()) if value else None
+        return FinalBy(value.decode()) if value else None
     except ValueError:
         return None
 

@@ -60,7 +60,6 @@ from adapters.wechat.client import WECOM_API, WeComApi
 from adapters.wechat.errcodes import ApiError, send_error
 from adapters.wechat.parts import (
     Part,
-    PartQuota,
     attachment_line,
     check_limit,
     check_rates,
@@ -203,7 +202,6 @@ class WeComAppSink(Sink):
         )
         self._member_rates = check_rates("member_rate", options.member_rate)
         self._chat_rates = check_rates("chat_rate", options.chat_rate)
-        self.quota = PartQuota(self, self.default_rate)
 
     async def start(self) -> None:
         """Refuse route targets that do not say chat: or user: (they would fail every send)."""
@@ -248,7 +246,7 @@ class WeComAppSink(Sink):
         async def one(i: int, part: Part) -> str | None:
             return await self._send_part(delivery, target, i, part)
 
-        ids = await send_parts(ctx, parts, one, self.quota)
+        ids = await send_parts(ctx, parts, one)
         return ",".join(ids) or target.key
 
     async def _send_part(self, delivery: Delivery, target: Target, i: int, part: Part) -> str | None:

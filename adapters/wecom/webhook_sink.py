@@ -56,7 +56,6 @@ from adapters.wechat.client import WECOM_API, JsonApi
 from adapters.wechat.errcodes import ApiError, send_error
 from adapters.wechat.parts import (
     Part,
-    PartQuota,
     attachment_line,
     check_limit,
     fits,
@@ -141,7 +140,6 @@ class WeComWebhookSink(Sink):
         key, base = parse_key(options.key.reveal())
         self._key = Secret(key)
         self.api = JsonApi(options.api_base or base or WECOM_API, ctx.http, options.timeout)
-        self.quota = PartQuota(self, self.default_rate)
 
     # -- what to send ------------------------------------------------------------------------------
 
@@ -210,7 +208,7 @@ class WeComWebhookSink(Sink):
             await self._post(await self._resolve(part))
             return None
 
-        await send_parts(ctx, parts, one, self.quota)
+        await send_parts(ctx, parts, one)
         return f"webhook:{len(parts)}"
 
     async def _post(self, part: Part) -> None:

@@ -4,6 +4,22 @@ A script's file starts with a header saying what it does, its KEYS, its ARGV and
 line ``--!include <fragment>.lua`` is replaced by that fragment's text (fragments live beside the
 scripts; they define local functions the script then calls, never variables the caller must set).
 The files ship as package data: a wheel install reads them exactly as the source tree does.
+
+The scripts and their typed wrappers, in the order a message meets them:
+
+=====================  ==============================================  ================================
+file                   what                                            wrapper
+=====================  ==============================================  ================================
+publish_many.lua       inbound envelopes, deduped, in order            ``bridge.scripts.Scripts``
+add_deliveries.lua     the router's deliveries onto a sink's stream    ``bridge.scripts.Scripts``
+claim_read.lua         claim what a runner's read just gave            ``bridge.scripts.Scripts``
+sync.lua               acks (done markers, XACK) + claims, batched     ``bridge.scripts.Scripts``
+claim_send.lua         claim just before a send and charge the rates   ``bridge.scripts.Scripts``
+gcra_acquire.lua       charge rates alone (further parts of a reply)   ``bridge.ratelimit.Limiter``
+lease_*.lua            fenced leases                                   ``bridge.lease.Lease``
+claim.lua, gcra.lua,   fragments: ``claim()``, ``gcra()``,
+lease_check.lua        ``lease_held()``
+=====================  ==============================================  ================================
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from bridge import http1
+from bridge.bus import Field
 from bridge.http1 import Http1Pool, ProtocolError, supports
 from bridge.transport import AiohttpPoster, Poster
 
@@ -233,7 +234,7 @@ async def test_the_sink_uses_it_for_http_and_a_redirect_is_permanent(
     await d.bus.publish(make_envelope("in", Conversation("g1"), "x"))
     await wait_for(lambda: d.redis.xlen(d.bus.keys.dead))
     [(_, fields)] = await d.redis.xrange(d.bus.keys.dead)
-    assert fields[b"reason"].startswith(b"permanent: HTTP 302 from the receiver")
+    assert fields[Field.REASON.key].startswith(b"permanent: HTTP 302 from the receiver")
     assert len(srv.requests) == 1
 
 

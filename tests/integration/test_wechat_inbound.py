@@ -29,6 +29,7 @@ from defusedxml import ElementTree as DefusedET
 
 from adapters.wechat.crypto import WXBizMsgCrypt, decode_aes_key, plain_signature
 from bridge import logging as blog
+from bridge.bus import Field
 from bridge.daemon import Daemon
 from bridge.envelope import Envelope, decode_envelope, stable_id
 from tests.vectors.wechat_vectors import (
@@ -207,7 +208,7 @@ class Bridge:
 
     async def envelopes(self) -> list[Envelope]:
         rows = await self.d.redis.xrange(self.d.bus.keys.inbound)  # type: ignore[union-attr]
-        return [decode_envelope(f[b"e"]) for _, f in rows]
+        return [decode_envelope(f[Field.ENVELOPE.key]) for _, f in rows]
 
 
 MakeBridge = Callable[..., Awaitable[Bridge]]

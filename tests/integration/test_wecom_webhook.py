@@ -13,6 +13,7 @@ import pytest
 import structlog
 from aiohttp import web
 
+from bridge.bus import Field
 from bridge.config import Rate
 from bridge.envelope import Attachment, Conversation, make_envelope
 from bridge.text import split_text
@@ -220,7 +221,7 @@ async def test_a_bad_key_dead_letters_without_showing_it(
         await publish(d, "hello")
         await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    reason = dead[b"reason"].decode()
+    reason = dead[Field.REASON.key].decode()
     assert "errcode 93000" in reason and "copy the robot's webhook URL again" in reason
     assert "not-a-real-key" not in reason and "not-a-real-key" not in repr(logs)
 
