@@ -15,6 +15,8 @@ every key one script touches lives in one slot):
 ``P:{state}:<adapter>:<key>``         small adapter state (tokens, cursors)
 ``P:{draft}:<envelope>``              the reply to an envelope so far (streamed answers), short TTL
 ``P:{lease:<name>}``                  a fenced lease ``<owner>|<fence>`` (``…:fence``: its counter)
+``P:{instances}``                     set: instance names that sent a heartbeat (``bridge.status``)
+``P:{instances}:<instance>``          an instance's heartbeat (JSON), with a TTL
 ====================================  =========================================================
 
 Consumer groups: ``router`` on the inbound stream, ``runner`` on each out stream; consumer names are
@@ -38,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.envelope import Delivery, Envelope, encode
 from bridge.errors import BusUnavailable
+from bridge.metrics import DISCARD, Metrics
 from bridge.scripts import Publish, Scripts
 
 T = TypeVar("T")
@@ -170,6 +173,14 @@ class Keys:
         """A fenced lease (``bridge.lease``); its fence counter is ``lease(name) + ":fence"``."""
         return f"{self.prefix}:{{lease:{name}}}"
 
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}:{{instances}}"
+
+    def instance(self, name: str) -> str:
+        """An instance's heartbeat (``bridge.status.Heartbeat``), in the slot of :attr:`instances`."""
+        return f"{self.prefix}:{{instances}}:{name}"
+
     def draft(self, envelope_id: str) -> str:
         return f"{self.prefix}:{{draft}}:{envelope_id}"
 
@@ -206,6 +217,8 @@ class Bus:
         self.dead_maxlen = dead_maxlen
         self.dedupe_ttl = dedupe_ttl
         self.scripts = Scripts(redis)
+        #: published / deduplicated per source are counted here (the daemon sets its own)
+        self.metrics: Metrics = DISCARD
         #: publishes waiting for the batch on the wire to come back: (marker, payload, ttl, future)
         self._queue: list[tuple[str, bytes, int, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -232,7 +245,9 @@ class Bus:
         self._queue.append((marker, encode(env), ttl if dedupe_key else 0, fut))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_publishes())
-        return await fut
+        stored = await fut
+        (self.metrics.published if stored else self.metrics.deduplicated).labels(env.source).inc()
+        return stored
 
     async def _flush_publishes(self) -> None:
         loop = asyncio.get_running_loop()
@@ -395,3 +410,4 @@ class Bus:
             pipe.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)
         else:
             await self.redis.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)
+        self.metrics.dead_lettered.labels(origin[4:] if origin.startswith("out:") else "router").inc()

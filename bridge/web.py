@@ -16,13 +16,15 @@ from bridge import logging as blog
 from bridge.adapter import Handler, HttpRoute
 from bridge.bus import UNAVAILABLE
 from bridge.errors import BusUnavailable
+from bridge.metrics import CONTENT_TYPE, Metrics
 
 log = blog.get("web")
 
 
 @dataclass(frozen=True)
 class Counters:
-    """What /metrics shows: messages routed, sent and dead-lettered per sink, crashes per task."""
+    """A daemon's counts at a glance (tests, bench): routed, sent and dead-lettered per sink, crashes
+    per task. /metrics shows these and much more (:mod:`bridge.metrics`)."""
 
     routed: int = 0
     sent: Mapping[str, int] = field(default_factory=dict)
@@ -42,8 +44,8 @@ class Status(Protocol):
         """What is not ready, by name, and why (empty when all is)."""
         ...
 
-    def counters(self) -> Counters:
-        """The counters /metrics shows, as they are now."""
+    async def exposition(self) -> bytes:
+        """The Prometheus exposition /metrics serves, its Redis gauges refreshed now."""
         ...
 
 
@@ -69,26 +71,35 @@ def guarded(handler: Handler) -> Handler:
     return guard
 
 
-def render_metrics(c: Counters) -> str:
-    """The Prometheus text format of ``c``."""
-    lines = [
-        "# TYPE wechat_bridge_routed_total counter",
-        f"wechat_bridge_routed_total {c.routed}",
-        "# TYPE wechat_bridge_sent_total counter",
-        "# TYPE wechat_bridge_dead_total counter",
-    ]
-    for name, sent in c.sent.items():
-        lines.append(f'wechat_bridge_sent_total{{sink="{name}"}} {sent}')
-        lines.append(f'wechat_bridge_dead_total{{sink="{name}"}} {c.dead.get(name, 0)}')
-    for name, n in c.task_crashes.items():
-        lines.append(f'wechat_bridge_task_crashes_total{{task="{name}"}} {n}')
-    return "\n".join(lines) + "\n"
+def counted(name: str, handler: Handler, metrics: Metrics) -> Handler:
+    """``handler`` of inbound ``name``, counting what it received and what it refused (a 4xx answer,
+    by status: the adapter said why in its log line)."""
+    received = metrics.received.labels(name)
+
+    async def count(request: web.Request) -> web.StreamResponse:
+        received.inc()
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            if 400 <= e.status < 500:
+                metrics.refused.labels(name, str(e.status)).inc()
+            raise
+        if 400 <= resp.status < 500:
+            metrics.refused.labels(name, str(resp.status)).inc()
+        return resp
+
+    return count
 
 
 def build_app(
-    status: Status, *, max_body: int, routes: Iterable[tuple[str, Sequence[HttpRoute]]] = ()
+    status: Status,
+    *,
+    max_body: int,
+    routes: Iterable[tuple[str, Sequence[HttpRoute]]] = (),
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """The app: the three status endpoints and each inbound's routes (``routes``: by inbound name).
+    """The app: the three status endpoints and each inbound's routes (``routes``: by inbound name),
+    counted in ``metrics`` when given.
 
     Two inbounds claiming the same method and path is a configuration error naming both."""
     app = web.Application(client_max_size=max_body)
@@ -101,12 +112,13 @@ def build_app(
         body = {"ready": not problems, "instance": status.instance, "not_ready": problems}
         return web.json_response(body, status=200 if not problems else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=render_metrics(status.counters()), content_type="text/plain")
+    async def prometheus(_: web.Request) -> web.Response:
+        body = await status.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/healthz", guarded(healthz))
     app.router.add_get("/readyz", guarded(readyz))
-    app.router.add_get("/metrics", guarded(metrics))
+    app.router.add_get("/metrics", guarded(prometheus))
     taken: dict[tuple[str, str], str] = {}
     for name, declared in routes:
         for route in declared:
@@ -114,5 +126,6 @@ def build_app(
             if key in taken:
                 raise ValueError(f"inbound.{name}.path: {route.path} is already served by {taken[key]}")
             taken[key] = name
-            app.router.add_route(route.method, route.path, guarded(route.handler))
+            handler = route.handler if metrics is None else counted(name, route.handler, metrics)
+            app.router.add_route(route.method, route.path, guarded(handler))
     return app

@@ -17,6 +17,7 @@ sync.lua               acks (done markers, XACK) + claims, batched     ``bridge.
 claim_send.lua         claim just before a send and charge the rates   ``bridge.scripts.Scripts``
 gcra_acquire.lua       charge rates alone (further parts of a reply)   ``bridge.ratelimit.Limiter``
 lease_*.lua            fenced leases                                   ``bridge.lease.Lease``
+replay.lua             dead letters back onto a sink's stream          ``bridge.dead.DeadLetters``
 claim.lua, gcra.lua,   fragments: ``claim()``, ``gcra()``,
 lease_check.lua        ``lease_held()``
 =====================  ==============================================  ================================
