@@ -25,7 +25,7 @@ from bridge.lease import LIVE as LIVE_LEASES
 from bridge.metrics import Metrics
 from bridge.router import Router
 from bridge.runner import Runner
-from bridge.status import Heartbeat, snapshot
+from bridge.status import Heartbeat, gauge, snapshot
 from bridge.web import Counters, build_app
 
 log = blog.get("daemon")
@@ -494,7 +494,7 @@ class Daemon:
             )
         except Exception as e:
             log.warning("metrics.redis_unavailable", error=type(e).__name__)
-        m.update(snap, [(le.name, le.held) for le in mine])
+        gauge(m, snap, [(le.name, le.held) for le in mine])
         return m.render()
 
     def request_stop(self) -> None:

@@ -2,9 +2,10 @@
 
 Counters and histograms are counted where things happen (the web guard, the bus, the router, the
 runner: one short call each); the gauges that describe Redis (stream length, lag and pending per
-group, dead letters, live instances, lease holders) are refreshed from a :class:`bridge.status.Snapshot`
-just before a scrape is rendered. Every family has its labels declared once here, so a daemon with
-many sinks shows one family with one series per sink (never a family per sink).
+group, dead letters, live instances, lease holders) are set from a status snapshot
+(``bridge.status.gauge``) just before a scrape is rendered. Every family has its labels declared
+once here, so a daemon with many sinks shows one family with one series per sink (never a family per
+sink).
 
 Names (all prefixed ``wechat_bridge_``; counters end in ``_total`` in the exposition):
 
@@ -46,7 +47,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from bridge.envelope import Delivery
-    from bridge.status import Snapshot
 
 #: seconds: from a fast local sink to a slow platform API with retries behind it
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -117,27 +117,6 @@ class Metrics:
     @staticmethod
     def now() -> float:
         return time.time()
-
-    # -- gauges from Redis, at scrape ----------------------------------------------------------------
-
-    def update(self, snap: Snapshot | None, held: Iterable[tuple[str, bool]] = ()) -> None:
-        """Set the Redis gauges from ``snap`` (None: Redis did not answer) and this instance's leases."""
-        for name, mine in held:
-            self.lease_held.labels(name).set(1 if mine else 0)
-        if snap is None:
-            self.redis_up.set(0)
-            return
-        self.redis_up.set(1)
-        for s in snap.streams:
-            self.stream_length.labels(s.name).set(s.length)
-            for g in s.groups:
-                if g.lag is not None:
-                    self.stream_lag.labels(s.name, g.name).set(g.lag)
-                self.stream_pending.labels(s.name, g.name).set(g.pending)
-        self.dead_letters.set(snap.dead_letters)
-        self.instances_live.set(len(snap.instances))
-        for lease in snap.leases:
-            self.lease_has_holder.labels(lease.name).set(1 if lease.owner else 0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every family."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from bridge import logging as blog
 from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, UNAVAILABLE, Keys
+from bridge.metrics import Metrics
 
 log = blog.get("status")
 
@@ -72,7 +73,7 @@ class LeaseRow:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class StatusSnapshot:
     streams: list[StreamRow]
     dead_letters: int
     instances: list[InstanceRow]
@@ -200,17 +201,39 @@ async def leases(redis: Any, keys: Keys, known: Iterable[str] = ()) -> list[Leas
 
 async def snapshot(
     redis: Any, keys: Keys, sinks: Iterable[str], known_leases: Iterable[str] = ()
-) -> Snapshot:
+) -> StatusSnapshot:
     """Streams (inbound, each sink's, dead), their groups, live instances and leases, now."""
     plan: list[tuple[str, str, str | None]] = [("inbound", keys.inbound, ROUTER_GROUP)]
     plan += [(f"out:{s}", keys.out(s), RUNNER_GROUP) for s in sinks]
     plan.append(("dead", keys.dead, None))
     streams = [await _stream(redis, name, key, group) for name, key, group in plan]
     dead = next(s.length for s in streams if s.name == "dead")
-    return Snapshot(streams, dead, await instances(redis, keys), await leases(redis, keys, known_leases))
+    live = await instances(redis, keys)
+    return StatusSnapshot(streams, dead, live, await leases(redis, keys, known_leases))
 
 
-def table(snap: Snapshot) -> str:
+def gauge(m: Metrics, snap: StatusSnapshot | None, held: Iterable[tuple[str, bool]] = ()) -> None:
+    """Set ``m``'s Redis gauges from ``snap`` (None: Redis did not answer) and this instance's
+    leases (name, held now)."""
+    for name, mine in held:
+        m.lease_held.labels(name).set(1 if mine else 0)
+    if snap is None:
+        m.redis_up.set(0)
+        return
+    m.redis_up.set(1)
+    for s in snap.streams:
+        m.stream_length.labels(s.name).set(s.length)
+        for g in s.groups:
+            if g.lag is not None:
+                m.stream_lag.labels(s.name, g.name).set(g.lag)
+            m.stream_pending.labels(s.name, g.name).set(g.pending)
+    m.dead_letters.set(snap.dead_letters)
+    m.instances_live.set(len(snap.instances))
+    for lease in snap.leases:
+        m.lease_has_holder.labels(lease.name).set(1 if lease.owner else 0)
+
+
+def table(snap: StatusSnapshot) -> str:
     """The snapshot as plain-text tables, for a person at a terminal."""
 
     def grid(head: list[str], rows: list[list[str]]) -> list[str]:

@@ -26,9 +26,9 @@ import pytest
 
 from adapters.openclaw.sink import OpenClawSink
 from adapters.wechat import simulate as sim
-from bridge import cli
 from bridge.bus import RUNNER_GROUP, Field
 from bridge.daemon import Daemon
+from bridge.dead import DeadLetters
 from bridge.envelope import decode_delivery, stable_id
 from tests.conftest import wait_for
 from tests.e2e.conftest import Gateway
@@ -340,7 +340,11 @@ async def test_a_failed_run_is_dead_lettered_with_the_gateways_reason(make_loop:
     assert loop.fake.delivered_to(user) == []
     assert loop.llm_calls("this will FAIL400") == 1
     # `wechat-bridge dead replay` runs the turn afresh (not the gateway's cached failure)
-    assert await cli._replay(loop.d.config, [], True) == 0
+    dead_letters = DeadLetters(loop.d.redis, loop.d.bus.keys)
+    replayed = await dead_letters.replay(
+        await dead_letters.oldest(), {o.name for o in loop.d.config.outbound}
+    )
+    assert len(replayed.replayed) == 1 and not replayed.skipped
     await wait_for(lambda: loop.llm_calls("this will FAIL400") == 2, timeout=60)
     await wait_for(loop.dead, timeout=60)
     [again] = await loop.dead()

@@ -210,7 +210,9 @@ async def test_status_and_dead_replay(write_config: Any, start_daemon: Any) -> N
     listed = await asyncio.to_thread(cli, "dead", "list", "--config", str(cfg.path), cwd=cfg.path.parent)
     [row] = [json.loads(line) for line in listed.stdout.splitlines()]
     assert row["reason"] == "permanent: chat gone: recreate it" and row["sink"] == "c"
-    shown = await asyncio.to_thread(cli, "dead", "show", row["id"], "--config", str(cfg.path), cwd=cfg.path.parent)
+    shown = await asyncio.to_thread(
+        cli, "dead", "show", row["id"], "--config", str(cfg.path), cwd=cfg.path.parent
+    )
     assert json.loads(shown.stdout)["payload"]["envelope"]["text"] == "retry me"
     bad = await asyncio.to_thread(
         cli, "dead", "replay", "0-1", "--config", str(cfg.path), cwd=cfg.path.parent
