@@ -26,7 +26,7 @@ import pytest
 
 from adapters.openclaw.sink import OpenClawSink
 from adapters.wechat import simulate as sim
-from bridge.bus import RUNNER_GROUP, Field
+from bridge.bus import RUNNER_GROUP, Field, Keys
 from bridge.daemon import Daemon
 from bridge.dead import DeadLetters
 from bridge.envelope import decode_delivery, stable_id
@@ -340,7 +340,7 @@ async def test_a_failed_run_is_dead_lettered_with_the_gateways_reason(make_loop:
     assert loop.fake.delivered_to(user) == []
     assert loop.llm_calls("this will FAIL400") == 1
     # `wechat-bridge dead replay` runs the turn afresh (not the gateway's cached failure)
-    dead_letters = DeadLetters(loop.d.redis, loop.d.bus.keys)
+    dead_letters = DeadLetters(loop.d.redis, Keys(loop.d.config.redis.prefix))
     replayed = await dead_letters.replay(
         await dead_letters.oldest(), {o.name for o in loop.d.config.outbound}
     )
