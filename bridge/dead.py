@@ -6,7 +6,8 @@ was, why it was given up, where from, after how many attempts, by which instance
 **Replay** puts deliveries back on their sink's stream through the same idempotency marker
 (``lua/replay.lua``, one call per sink): a marker saying ``done:dead`` is cleared and the delivery
 appended; one saying the delivery was sent is left alone and the delivery skipped (never sent twice);
-replaying the same letter twice appends it twice and the runner's marker sends it once. Letters go
+one still held by a runner (the letter was written a moment ago, its ``done:dead`` not yet) is left
+in the dead stream to replay shortly; two letters of one delivery in one replay append it once. Letters go
 back in dead-letter order whatever order their ids were given in — the order their conversation
 had — and only then leave the dead stream (a crash in between leaves them there to replay again,
 harmlessly). Letters that are not deliveries (an undecodable inbound entry) or whose sink is no
@@ -118,12 +119,18 @@ class DeadLetters:
         """Letters back onto their sinks' streams (see the module's docstring), then out of ``dead``."""
         res = Replayed()
         by_sink: dict[str, list[DeadLetter]] = {}
+        first: dict[str, str] = {}  # delivery id → the letter that replays it
         for dl in letters:
-            if dl.delivery is None:
+            if dl.delivery is not None and dl.delivery.id in first:
+                # a runner reading both copies in one batch would hold one claim for both: send once
+                res.skipped[dl.id] = f"the same delivery as {first[dl.delivery.id]}: replayed once"
+                await self.redis.xdel(self.keys.dead, dl.id)
+            elif dl.delivery is None:
                 res.skipped[dl.id] = f"not a delivery (from {dl.origin or '?'}: {dl.reason})"
             elif dl.delivery.sink not in sinks:
                 res.skipped[dl.id] = f"no outbound named {dl.delivery.sink!r} in the config"
             else:
+                first[dl.delivery.id] = dl.id
                 by_sink.setdefault(dl.delivery.sink, []).append(dl)
         for sink, group in by_sink.items():
             keys = [self.keys.out(sink)]
@@ -132,14 +139,17 @@ class DeadLetters:
                 assert dl.delivery is not None
                 keys.append(self.keys.mark(sink, dl.delivery.id))
                 args += [dl.delivery.id, dl.raw]
-            flags = await self._replay(keys=keys, args=args)
+            flags = [int(f) for f in await self._replay(keys=keys, args=args)]
             for dl, flag in zip(group, flags, strict=True):
-                if int(flag):
+                if flag == 1:
                     res.replayed.append(dl.id)
-                else:
+                elif flag == 0:
                     res.skipped[dl.id] = "already sent (its marker says done): not sent again"
-            done = [dl.id for dl in group]
-            await self.redis.xdel(self.keys.dead, *done)
+                else:
+                    res.skipped[dl.id] = "a runner still holds it (given up just now): try again shortly"
+            done = [dl.id for dl, flag in zip(group, flags, strict=True) if flag != 2]
+            if done:
+                await self.redis.xdel(self.keys.dead, *done)
         return res
 
     async def purge(self, ids: Sequence[str] | None = None) -> int:

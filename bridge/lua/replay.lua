@@ -3,14 +3,17 @@
 -- ARGV[1] maxlen (approximate trim), ARGV[2..] (delivery id, delivery) pairs, in KEYS order
 -- A marker that says 'done:dead' (given up) is cleared and the delivery appended, in order; a
 -- marker that says the delivery was sent ('done:<remote id>') leaves it alone (never sent twice);
--- no marker (expired) appends it, and the runner's claim decides as for any entry.
--- Returns per delivery 1 (appended) or 0 (already sent: skipped).
+-- a marker still held by a runner (its dead letter was just written, the 'done:dead' not yet)
+-- leaves it alone for now; no marker (expired) appends it, and the runner's claim decides.
+-- Returns per delivery 1 (appended), 0 (already sent: skipped) or 2 (still held: try later).
 local out = {}
 for n = 2, #KEYS do
   local i = 2 * (n - 1)
   local mark = redis.call('GET', KEYS[n])
   if mark and string.sub(mark, 1, 5) == 'done:' and mark ~= 'done:dead' then
     out[n - 1] = 0
+  elseif mark and string.sub(mark, 1, 5) ~= 'done:' then
+    out[n - 1] = 2
   else
     if mark == 'done:dead' then
       redis.call('DEL', KEYS[n])
