@@ -87,21 +87,76 @@ def connect(url: str, socket_timeout: float = 3.0) -> Any:
 
     redis-py's default (10 retries with back-off up to 10 s) would hold a WeChat callback past its
     5 s deadline; we would rather answer 503 at once and let the platform retry.
+
+    The URL picks the client: ``redis://``, ``rediss://``, ``unix://`` one Redis;
+    ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS) a Redis Cluster, found from that
+    node (redis-py's cluster client: every key lands on its slot's master; the bus's hash tags keep
+    each script on one slot); ``redis+sentinel://host:port[,host:port…]/<service>[/<db>]`` the master
+    Sentinel names for ``<service>``, found again after a fail-over (a password in the URL is the
+    master's).
     """
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import ConstantBackoff
 
+    retry = Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,))
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(
+            url.replace("+cluster", "", 1),
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=retry,
+        )
+    if url.startswith("redis+sentinel://"):
+        return _sentinel(url, socket_timeout, retry)
     client = aioredis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         health_check_interval=30,
-        retry=Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,)),
+        retry=retry,
     )
     pool = client.connection_pool
     pool.connection_class = _hiredis_packing(pool.connection_class)
     return client
+
+
+def _sentinel(url: str, socket_timeout: float, retry: Any) -> Any:
+    """The master of ``redis+sentinel://[:password@]host:port[,host:port…]/<service>[/<db>]``."""
+    from urllib.parse import unquote, urlsplit
+
+    from redis.asyncio.sentinel import Sentinel
+
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    nodes: list[tuple[str, int]] = []
+    for hp in hosts.split(","):
+        host, _, port = hp.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"redis.url: {hp!r} is not host:port (redis+sentinel://host:port/<service>)")
+        nodes.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("redis.url: redis+sentinel://host:port[,host:port]/<service>[/<db>]: no service")
+    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+                            "retry": retry, "db": int(path[1]) if len(path) == 2 else 0}  # fmt: skip
+    if parts.password:
+        opts["password"] = unquote(parts.password)
+    if parts.username:
+        opts["username"] = unquote(parts.username)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        nodes, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+    )
+    return sentinel.master_for(path[0], **opts)
+
+
+def is_cluster(redis: Any) -> bool:
+    """True when ``redis`` is a Redis Cluster client (``redis+cluster://``)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(redis, RedisCluster)
 
 
 _PACKING: dict[type, type] = {}
@@ -349,7 +404,7 @@ class Bus:
         pipe: Any = self.redis.pipeline(transaction=False)
         if before is not None:
             before(pipe)
-        n = len(pipe.command_stack)
+        n = len(pipe)
         pipe.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
         if after is not None:
             after(pipe)

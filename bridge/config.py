@@ -19,6 +19,9 @@ import msgspec
 
 from bridge.errors import ConfigError
 
+#: ``[redis] url`` schemes (``bridge.bus.connect`` picks the client by them)
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://")
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PLACEHOLDER_RE = re.compile(r"CHANGE_?ME|REPLACE_?ME|<your[ _-]", re.IGNORECASE)
@@ -324,8 +327,8 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
     if not NAME_RE.match(bridge.instance):
         raise ConfigError(f"{file}: bridge.instance: letters, digits, '_', '-', '.' only")
     redis = convert(section("redis"), RedisSection, "redis", file)
-    if redis.url is not None and not redis.url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{file}: redis.url: expected redis://, rediss:// or unix://")
+    if redis.url is not None and not redis.url.startswith(SCHEMES):
+        raise ConfigError(f"{file}: redis.url: expected {', '.join(SCHEMES)}")
     if not NAME_RE.match(redis.prefix):
         raise ConfigError(f"{file}: redis.prefix: letters, digits, '_', '-', '.' only")
     http = convert(section("http"), HttpSection, "http", file)

@@ -1,0 +1,186 @@
+"""The bus unchanged on a 3-master Redis Cluster (``redis+cluster://``) and on Sentinel
+(``redis+sentinel://``): publish → route → deliver with dedupe, markers, rate keys, leases, status
+and dead-letter replay; every script's keys on one slot (a cross-slot script fails on a cluster)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+import bridge.lua
+from bridge.bus import Keys, connect, is_cluster
+from bridge.config import Rate
+from bridge.daemon import Daemon
+from bridge.dead import DeadLetters
+from bridge.envelope import Conversation, make_envelope
+from bridge.errors import PermanentError
+from bridge.lease import Lease
+from bridge.ratelimit import Limit, Limiter
+from bridge.status import snapshot
+from tests import redis_cluster
+from tests.conftest import CollectSink, wait_for
+
+
+@pytest.fixture(scope="module")
+def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    with redis_cluster.cluster(tmp_path_factory.mktemp("cluster")) as ports:
+        yield ports
+
+
+BODY = """
+[redis]
+url = "{url}"
+prefix = "{prefix}"
+[[inbound]]
+name = "in"
+type = "manual"
+[[outbound]]
+name = "a"
+type = "collect"
+rate = "200/s"
+[[outbound]]
+name = "b"
+type = "collect"
+[[routes]]
+from = "in"
+to = ["a", "b"]
+"""
+
+
+async def _run_the_bus(d: Daemon, prefix: str) -> None:
+    """Publish → route → deliver over many conversations, with dedupe, a dead letter and its replay,
+    a lease, status and metrics: the same assertions whatever Redis topology is under ``d``."""
+    assert d.bus is not None
+    a, b = CollectSink.instances["a"], CollectSink.instances["b"]
+    b.script = [PermanentError("gone")]
+    convs = [f"c{n}" for n in range(6)]
+    for i in range(5):
+        for c in convs:
+            await d.bus.publish(make_envelope("in", Conversation(c), f"{c}-{i}"), dedupe_key=f"{c}-{i}")
+    assert not await d.bus.publish(make_envelope("in", Conversation("c0"), "again"), dedupe_key="c0-0")
+    await wait_for(lambda: len(a.sent) == 30 and len(b.sent) == 29, timeout=30)
+    for sink in (a, b):
+        for c in convs:  # in order per conversation
+            texts = [x.envelope.text for x in sink.sent if x.envelope.conversation.id == c]
+            assert texts == sorted(texts) and len(texts) >= 4
+    keys = Keys(prefix)
+    # markers live beside their stream (one slot), on whichever master holds it; sink a's sends went
+    # through claim_send.lua with its rate keys (their state expires within a few ms at 200/s)
+    assert (await d.redis.get(keys.mark("a", a.sent[0].id))).startswith(b"done:")
+
+    dead = DeadLetters(d.redis, keys)
+
+    async def one_dead() -> bool:
+        letters = await dead.oldest()
+        if len(letters) != 1 or letters[0].delivery is None:
+            return False
+        return bool(await d.redis.get(keys.mark("b", letters[0].delivery.id)) == b"done:dead")
+
+    await wait_for(one_dead)
+    res = await dead.replay(await dead.oldest(), {"a", "b"})
+    assert len(res.replayed) == 1 and not res.skipped
+    await wait_for(lambda: len(b.sent) == 30)
+
+    lease = Lease(d.redis, keys, "partition-3", "t1:x", ttl=2)
+    assert await lease.acquire() and await lease.renew()
+    assert await lease.guarded_set(keys.lease("partition-3") + ":state", "v")
+    snap = await snapshot(d.redis, keys, ["a", "b"])
+    assert {le.name: le.owner for le in snap.leases} == {"partition-3": "t1:x"}
+    assert [i.name for i in snap.instances] == ["t1"]
+    streams = {s.name: s for s in snap.streams}
+    assert streams["out:a"].length == 30 and streams["dead"].length == 0
+    assert await lease.release()
+    text = (await d.exposition()).decode()
+    assert "wechat_bridge_redis_up 1.0" in text
+    assert 'wechat_bridge_delivered_total{sink="a"} 30.0' in text
+
+
+async def test_the_bus_runs_unchanged_on_a_redis_cluster(
+    cluster_ports: list[int], write_config: Any, start_daemon: Any, prefix: str
+) -> None:
+    url = f"redis+cluster://127.0.0.1:{cluster_ports[0]}"
+    d: Daemon = await start_daemon(write_config(BODY.format(url=url, prefix=prefix), redis=False))
+    assert is_cluster(d.redis)
+    try:
+        await _run_the_bus(d, prefix)
+        # the keys really are spread over the masters (else this test would prove little)
+        keys = Keys(prefix)
+        slots = {
+            await d.redis.cluster_keyslot(k) for k in (keys.inbound, keys.out("a"), keys.out("b"), keys.dead)
+        }
+        nodes = {d.redis.nodes_manager.get_node_from_slot(s).name for s in slots}
+        assert len(nodes) >= 2, nodes
+    finally:
+        await d.stop()  # before the keys go (a blocked read on a deleted stream is an error)
+        r = connect(url)
+        async for k in r.scan_iter(match=f"{prefix}:*"):
+            await r.delete(k)
+        await r.aclose()
+
+
+async def test_the_rate_script_alone_runs_on_a_cluster(cluster_ports: list[int], prefix: str) -> None:
+    r = connect(f"redis+cluster://127.0.0.1:{cluster_ports[1]}")
+    keys = Keys(prefix)
+    try:
+        limits = [
+            Limit(keys.rate("s", 0), Rate(1, 1.0), 1),
+            Limit(keys.rate("s", 0, "user-1"), Rate(1, 1.0), 1),
+        ]
+        assert await Limiter(r).acquire(limits) <= 0
+        assert await Limiter(r).acquire(limits) > 0
+        # a script given keys of two slots is refused by the cluster: what the hash tags prevent
+        bad = [Limit(keys.rate("s", 0), Rate(1, 1.0), 1), Limit(keys.rate("other", 0), Rate(1, 1.0), 1)]
+        with pytest.raises(Exception, match=r"(?i)slot"):
+            await Limiter(r).acquire(bad)
+    finally:
+        for k in (keys.rate("s", 0), keys.rate("s", 0, "user-1")):
+            await r.delete(k)
+        await r.aclose()
+
+
+def test_every_script_is_given_keys_of_one_slot() -> None:
+    """Every ``bridge/lua/`` script, with the keys its callers build (``Keys``), touches one slot;
+    claim_read.lua builds its markers from a prefix, which must hash with its stream too. A script
+    missing here fails the test: add it with its callers' keys."""
+    k = Keys("wb")
+    lease = k.lease("partition-1")
+    calls = {
+        "publish_many": [k.inbound, k.seen("wecom", "m1"), k.seen("hook", "m2")],
+        "add_deliveries": [k.out("a")],
+        "claim_read": [k.out("a"), k.mark("a", "d1")],  # the stream, and a marker from its prefix
+        "sync": [k.out("a"), k.mark("a", "d1"), k.mark("a", "d2")],
+        "claim_send": [k.mark("a", "d1"), k.rate("a", 0), k.rate("a", 1, "user-1")],
+        "gcra_acquire": [k.rate("a", 0), k.rate("a", 0, "user-1")],
+        "lease_acquire": [lease, f"{lease}:fence"],
+        "lease_renew": [lease],
+        "lease_release": [lease],
+        "lease_guarded_set": [lease, f"{lease}:state"],  # a guarded key carries its lease's tag
+        "replay": [k.out("a"), k.mark("a", "d1")],
+        "heartbeats (MGET)": [k.instances, k.instance("i1"), k.instance("i2")],
+    }
+    fragments = {"claim", "gcra", "lease_check"}
+    lua = Path(bridge.lua.__file__).parent
+    assert {f.stem for f in lua.glob("*.lua")} - fragments == {c for c in calls if "(" not in c}
+    for name, keys in calls.items():
+        assert len({key_slot(key.encode()) for key in keys}) == 1, f"{name}: {keys} span several slots"
+    assert key_slot(k.out("a").encode()) != key_slot(k.out("b").encode())  # the check can tell
+
+
+@pytest.fixture(scope="module")
+def sentinel_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int, int]]:
+    with redis_cluster.sentinel(tmp_path_factory.mktemp("sentinel")) as ports:
+        yield ports
+
+
+async def test_the_bus_runs_on_sentinel_by_url(
+    sentinel_ports: tuple[int, int, int], write_config: Any, start_daemon: Any, prefix: str
+) -> None:
+    master, _replica, sent = sentinel_ports
+    url = f"redis+sentinel://127.0.0.1:{sent}/main"
+    d: Daemon = await start_daemon(write_config(BODY.format(url=url, prefix=prefix), redis=False))
+    assert (await d.redis.connection_pool.get_master_address())[1] == master
+    await _run_the_bus(d, prefix)
