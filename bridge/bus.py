@@ -41,7 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge.envelope import Delivery, Envelope, encode
 from bridge.errors import BusUnavailable
 from bridge.metrics import DISCARD, Metrics
-from bridge.scripts import Publish, Scripts
+from bridge.scripts import NotReplicated, Publish, Scripts
 
 T = TypeVar("T")
 
@@ -272,6 +272,8 @@ class Bus:
         self.dead_maxlen = dead_maxlen
         self.dedupe_ttl = dedupe_ttl
         self.scripts = Scripts(redis)
+        #: ``[redis] wait_replicas``: (replicas, timeout ms) a publish waits for (WAIT), or None
+        self.wait: tuple[int, int] | None = None
         #: published / deduplicated per source are counted here (the daemon sets its own)
         self.metrics: Metrics = DISCARD
         #: publishes waiting for the batch on the wire to come back: (marker, payload, ttl, future)
@@ -316,8 +318,9 @@ class Bus:
                     batch, self._queue = self._queue, []
                     self._last_flush = loop.time()
                     flags = await self.scripts.publish_many(
-                        self.keys.inbound, self.maxlen, [Publish(m, p, ttl) for m, p, ttl, _ in batch]
-                    )
+                        self.keys.inbound, self.maxlen, [Publish(m, p, ttl) for m, p, ttl, _ in batch],
+                        wait=self.wait,
+                    )  # fmt: skip
                 except asyncio.CancelledError:
                     for *_, fut in batch + self._queue:
                         fut.cancel()
@@ -326,7 +329,8 @@ class Bus:
                 except Exception as e:
                     for *_, fut in batch:
                         if not fut.done():
-                            fut.set_exception(BusUnavailable(str(e)) if isinstance(e, UNAVAILABLE) else e)
+                            gone = isinstance(e, (*UNAVAILABLE, NotReplicated))
+                            fut.set_exception(BusUnavailable(str(e)) if gone else e)
                     continue
                 for (*_, fut), flag in zip(batch, flags, strict=True):
                     if not fut.done():

@@ -304,6 +304,8 @@ class Daemon:
             dedupe_ttl=cfg.redis.dedupe_ttl,
         )
         self.bus.metrics = self.metrics
+        if cfg.redis.wait_replicas:
+            self.bus.wait = (cfg.redis.wait_replicas, cfg.redis.wait_timeout_ms)
         try:
             await self.redis.ping()
             await self._check_persistence()

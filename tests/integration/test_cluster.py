@@ -12,12 +12,12 @@ import pytest
 from redis.crc import key_slot
 
 import bridge.lua
-from bridge.bus import Keys, connect, is_cluster
+from bridge.bus import Bus, Keys, connect, is_cluster
 from bridge.config import Rate
 from bridge.daemon import Daemon
 from bridge.dead import DeadLetters
 from bridge.envelope import Conversation, make_envelope
-from bridge.errors import PermanentError
+from bridge.errors import BusUnavailable, PermanentError
 from bridge.lease import Lease
 from bridge.ratelimit import Limit, Limiter
 from bridge.status import snapshot
@@ -184,3 +184,36 @@ async def test_the_bus_runs_on_sentinel_by_url(
     d: Daemon = await start_daemon(write_config(BODY.format(url=url, prefix=prefix), redis=False))
     assert (await d.redis.connection_pool.get_master_address())[1] == master
     await _run_the_bus(d, prefix)
+
+
+async def test_wait_replicas_confirms_a_publish_or_refuses_it(
+    sentinel_ports: tuple[int, int, int], prefix: str
+) -> None:
+    _master, replica, sent = sentinel_ports
+    r = connect(f"redis+sentinel://127.0.0.1:{sent}/main")
+    on_replica = connect(f"redis://127.0.0.1:{replica}")
+    keys = Keys(prefix)
+    bus = Bus(r, keys)
+    try:
+        bus.wait = (1, 2000)
+        assert await bus.publish(make_envelope("in", Conversation("c"), "kept"), dedupe_key="k1")
+        assert await on_replica.xlen(keys.inbound) == 1  # confirmed: already on the replica
+        bus.wait = (2, 100)  # one replica exists: two cannot confirm
+        with pytest.raises(BusUnavailable, match="1 of 2 replicas"):
+            await bus.publish(make_envelope("in", Conversation("c"), "unconfirmed"), dedupe_key="k2")
+    finally:
+        await r.delete(keys.inbound, keys.seen("in", "k1"), keys.seen("in", "k2"))
+        await r.aclose()
+        await on_replica.aclose()
+
+
+def test_wait_replicas_is_refused_on_a_cluster(tmp_path: Path) -> None:
+    from bridge.config import load
+    from bridge.errors import ConfigError
+
+    p = tmp_path / "bridge.toml"
+    p.write_text('[redis]\nurl = "redis+cluster://127.0.0.1:7000"\nwait_replicas = 1\n')
+    with pytest.raises(ConfigError, match=r"redis\.wait_replicas: not supported on a Redis Cluster"):
+        load(p, env={})
+    p.write_text('[redis]\nurl = "redis+sentinel://127.0.0.1:26379/main"\nwait_replicas = 1\n')
+    assert load(p, env={}).redis.wait_replicas == 1
