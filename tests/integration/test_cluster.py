@@ -161,6 +161,10 @@ def test_every_script_is_given_keys_of_one_slot() -> None:
         "lease_guarded_set": [lease, f"{lease}:state"],  # a guarded key carries its lease's tag
         "replay": [k.out("a"), k.mark("a", "d1")],
         "heartbeats (MGET)": [k.instances, k.instance("i1"), k.instance("i2")],
+        # adapters/wechat/lua/: the access-token cache (adapters.wechat.tokens: key, key + ":lock")
+        "token_store (adapters)": [k.state("wecom", "token"), k.state("wecom", "token") + ":lock"],
+        "token_drop (adapters)": [k.state("wecom", "token")],
+        "lock_release (adapters)": [k.state("wecom", "token") + ":lock"],
     }
     fragments = {"claim", "gcra", "lease_check"}
     lua = Path(bridge.lua.__file__).parent
