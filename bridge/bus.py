@@ -149,7 +149,25 @@ def _sentinel(url: str, socket_timeout: float, retry: Any) -> Any:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         nodes, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
     )
-    return sentinel.master_for(path[0], **opts)
+    client = sentinel.master_for(path[0], redis_class=_SentinelMaster, **opts)
+    client.sentinels = list(sentinel.sentinels)
+    return client
+
+
+def _sentinel_master_class() -> type:
+    import redis.asyncio as aioredis
+
+    class SentinelMaster(aioredis.Redis):
+        """The master's client; closing it also closes the clients of the Sentinels it asked."""
+
+        sentinels: list[Any] = []  # noqa: RUF012 - set per instance by _sentinel
+
+        async def aclose(self, close_connection_pool: bool | None = None) -> None:
+            await super().aclose(close_connection_pool)
+            for s in self.sentinels:
+                await s.aclose()
+
+    return SentinelMaster
 
 
 def is_cluster(redis: Any) -> bool:
@@ -158,6 +176,8 @@ def is_cluster(redis: Any) -> bool:
 
     return isinstance(redis, RedisCluster)
 
+
+_SentinelMaster = _sentinel_master_class()
 
 _PACKING: dict[type, type] = {}
 
