@@ -129,10 +129,10 @@ def cmd_inject(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_inject(cfg, args))
 
 
-async def _status(cfg: Config, as_json: bool) -> int:
+async def _status(cfg: Config, as_json: bool, scan: bool) -> int:
     r = _redis(cfg)
     try:
-        snap = await snapshot(r, Keys(cfg.redis.prefix), [o.name for o in cfg.outbound])
+        snap = await snapshot(r, Keys(cfg.redis.prefix), [o.name for o in cfg.outbound], scan=scan)
     finally:
         await r.aclose()
     print(json.dumps(snap.to_json(), indent=2) if as_json else table(snap))
@@ -141,7 +141,7 @@ async def _status(cfg: Config, as_json: bool) -> int:
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     as_json = args.json or not (args.table or sys.stdout.isatty())
-    return asyncio.run(_status(cfg, as_json))
+    return asyncio.run(_status(cfg, as_json, args.scan))
 
 
 async def _dead(cfg: Config, args: argparse.Namespace) -> int:
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = st.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON (the default when not on a terminal)")
     fmt.add_argument("--table", action="store_true", help="tables (the default on a terminal)")
+    st.add_argument("--scan", action="store_true",
+                    help="also find leases no live instance names (SCANs the whole keyspace)")  # fmt: skip
     dl = add("dead", cmd_dead, "list, show, replay or purge dead letters")
     dl.add_argument("action", choices=["list", "show", "replay", "purge"])
     dl.add_argument("ids", nargs="*", help="dead-letter ids (from `dead list`)")

@@ -22,6 +22,7 @@ from bridge.config import Config
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
 from bridge.lease import LIVE as LIVE_LEASES
+from bridge.lease import Lease
 from bridge.metrics import Metrics
 from bridge.router import Router
 from bridge.runner import Runner
@@ -356,7 +357,9 @@ class Daemon:
 
     async def _start_heartbeat(self) -> None:
         """This instance's heartbeat (``wechat-bridge status`` lists live instances by it)."""
-        self.heartbeat = Heartbeat(self.redis, Keys(self.config.redis.prefix), self.instance)
+        self.heartbeat = Heartbeat(
+            self.redis, Keys(self.config.redis.prefix), self.instance, leases=self._lease_names
+        )
         self.supervisor.spawn("heartbeat", self.heartbeat.run)
         self.lifecycle.on_stop("heartbeat", self._stop_heartbeat)
 
@@ -478,6 +481,13 @@ class Daemon:
             task_crashes=dict(self.supervisor.crashes),
         )
 
+    def _leases(self) -> list[Lease]:
+        """The leases of this daemon (those made on its Redis client)."""
+        return [le for le in LIVE_LEASES if le.redis is self.redis]
+
+    def _lease_names(self) -> list[str]:
+        return [le.name for le in self._leases()]
+
     async def exposition(self) -> bytes:
         """/metrics: the counters as counted, the Redis gauges read now (``redis_up`` 0 when it
         did not answer within 2 s)."""
@@ -486,7 +496,7 @@ class Daemon:
             if n > self._crashes_counted.get(task, 0):
                 m.task_crashes.labels(task).inc(n - self._crashes_counted.get(task, 0))
                 self._crashes_counted[task] = n
-        mine = [le for le in LIVE_LEASES if le.redis is self.redis]
+        mine = self._leases()
         snap = None
         try:
             assert self.redis is not None

@@ -1,5 +1,7 @@
 """What an operator asks during an incident, read from Redis: streams, lag, pending, dead letters,
 live instances and lease holders (``wechat-bridge status`` prints it; ``/metrics`` gauges it).
+Nothing here SCANs the keyspace unless asked (``status --scan``): a scrape costs a few round trips
+per stream and per lease whatever the number of keys.
 
 Instances announce themselves with a heartbeat (:class:`Heartbeat`): a key
 ``P:{instances}:<instance>`` with a TTL, renewed every third of it, and the instance's name in the
@@ -16,7 +18,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +63,8 @@ class InstanceRow:
     started: float
     #: seconds since its last heartbeat
     seen_ago: float
+    #: the leases it takes part in (held or wanted): how status finds every lease without a SCAN
+    leases: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,17 +98,22 @@ def _get(d: dict[Any, Any], name: str) -> Any:
 class Heartbeat:
     """This instance's heartbeat key, renewed until stopped, deleted at a graceful stop."""
 
-    def __init__(self, redis: Any, keys: Keys, instance: str, *, ttl: float = HEARTBEAT_TTL) -> None:
+    def __init__(
+        self, redis: Any, keys: Keys, instance: str, *, ttl: float = HEARTBEAT_TTL,
+        leases: Callable[[], list[str]] = list,
+    ) -> None:  # fmt: skip
         self.redis = redis
         self.keys = keys
         self.instance = instance
         self.ttl = ttl
+        #: the names of the leases this instance takes part in now
+        self.leases = leases
         self.started = time.time()
         self._stop = asyncio.Event()
 
     async def beat(self) -> None:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "started": round(self.started, 3),
-                "at": round(time.time(), 3)}  # fmt: skip
+                "at": round(time.time(), 3), "leases": sorted(set(self.leases()))}  # fmt: skip
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.instance(self.instance), json.dumps(info), px=int(self.ttl * 1000))
         pipe.sadd(self.keys.instances, self.instance)
@@ -166,7 +175,8 @@ async def instances(redis: Any, keys: Keys) -> list[InstanceRow]:
         try:
             info = json.loads(raw)
             out.append(InstanceRow(name, str(info["host"]), int(info["pid"]), float(info["started"]),
-                                   round(max(0.0, now - float(info["at"])), 3)))  # fmt: skip
+                                   round(max(0.0, now - float(info["at"])), 3),
+                                   [str(x) for x in info.get("leases", [])]))  # fmt: skip
         except (ValueError, KeyError, TypeError):
             out.append(InstanceRow(name, "?", 0, 0.0, 0.0))
     if gone:
@@ -174,17 +184,19 @@ async def instances(redis: Any, keys: Keys) -> list[InstanceRow]:
     return out
 
 
-async def leases(redis: Any, keys: Keys, known: Iterable[str] = ()) -> list[LeaseRow]:
-    """Every lease Redis holds now (a SCAN, on every primary of a cluster), and ``known`` names even
-    when nobody holds them (their row has no owner)."""
-    head = keys.lease("")[:-1]  # "P:{lease:"
-    found: dict[str, bytes] = {}
-    async for k in redis.scan_iter(match=head.replace("[", "\\[") + "*", count=500):
-        key = _s(k)
-        if key.endswith("}"):
-            found[key[len(head) : -1]] = k
+async def leases(redis: Any, keys: Keys, known: Iterable[str] = (), *, scan: bool = False) -> list[LeaseRow]:
+    """The leases named ``known`` (held or not: a free one's row has no owner) and, with ``scan``,
+    every other lease Redis holds now (a SCAN of the whole keyspace, on every primary of a cluster:
+    for a person asking, never for a scrape)."""
+    found: set[str] = set(known)
+    if scan:
+        head = keys.lease("")[:-1]  # "P:{lease:"
+        async for k in redis.scan_iter(match=head.replace("[", "\\[") + "*", count=1000):
+            key = _s(k)
+            if key.endswith("}"):
+                found.add(key[len(head) : -1])
     rows: list[LeaseRow] = []
-    for name in sorted(set(found) | set(known)):
+    for name in sorted(found):
         key = keys.lease(name)
         pipe = redis.pipeline(transaction=False)
         pipe.get(key)
@@ -200,16 +212,19 @@ async def leases(redis: Any, keys: Keys, known: Iterable[str] = ()) -> list[Leas
 
 
 async def snapshot(
-    redis: Any, keys: Keys, sinks: Iterable[str], known_leases: Iterable[str] = ()
+    redis: Any, keys: Keys, sinks: Iterable[str], known_leases: Iterable[str] = (), *, scan: bool = False
 ) -> StatusSnapshot:
-    """Streams (inbound, each sink's, dead), their groups, live instances and leases, now."""
+    """Streams (inbound, each sink's, dead), their groups, live instances and leases, now. The leases
+    are those ``known_leases`` and the live instances' heartbeats name (every other one too with
+    ``scan``)."""
     plan: list[tuple[str, str, str | None]] = [("inbound", keys.inbound, ROUTER_GROUP)]
     plan += [(f"out:{s}", keys.out(s), RUNNER_GROUP) for s in sinks]
     plan.append(("dead", keys.dead, None))
     streams = [await _stream(redis, name, key, group) for name, key, group in plan]
     dead = next(s.length for s in streams if s.name == "dead")
     live = await instances(redis, keys)
-    return StatusSnapshot(streams, dead, live, await leases(redis, keys, known_leases))
+    named = {*known_leases, *(n for i in live for n in i.leases)}
+    return StatusSnapshot(streams, dead, live, await leases(redis, keys, named, scan=scan))
 
 
 def gauge(m: Metrics, snap: StatusSnapshot | None, held: Iterable[tuple[str, bool]] = ()) -> None:

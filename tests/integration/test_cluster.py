@@ -88,7 +88,7 @@ async def _run_the_bus(d: Daemon, prefix: str) -> None:
     lease = Lease(d.redis, keys, "partition-3", "t1:x", ttl=2)
     assert await lease.acquire() and await lease.renew()
     assert await lease.guarded_set(keys.lease("partition-3") + ":state", "v")
-    snap = await snapshot(d.redis, keys, ["a", "b"])
+    snap = await snapshot(d.redis, keys, ["a", "b"], scan=True)  # a SCAN of every master
     assert {le.name: le.owner for le in snap.leases} == {"partition-3": "t1:x"}
     assert [i.name for i in snap.instances] == ["t1"]
     streams = {s.name: s for s in snap.streams}

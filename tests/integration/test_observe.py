@@ -168,7 +168,7 @@ async def test_status_shows_streams_leases_and_instances(redis: Any, prefix: str
     keys = Keys(prefix)
     held = Lease(redis, keys, "router", "i1:abc", ttl=5)
     assert await held.acquire()
-    await Heartbeat(redis, keys, "i1").beat()
+    await Heartbeat(redis, keys, "i1", leases=lambda: ["router"]).beat()  # it names its leases
     await redis.xadd(keys.out("s"), {"d": b"{}"})
     await redis.xgroup_create(keys.out("s"), "runner", id="0")
     await redis.xreadgroup("runner", "i1", {keys.out("s"): ">"})
@@ -183,7 +183,9 @@ async def test_status_shows_streams_leases_and_instances(redis: Any, prefix: str
     shown = table(snap)
     assert "out:s" in shown and "i1(1)" in shown and "NONE" in shown and "router" in shown
     assert json.loads(json.dumps(snap.to_json()))["leases"][0]["name"] == "partition-7"
-    assert [le.name for le in await leases(redis, keys)] == ["router"]
+    assert [le.name for le in await leases(redis, keys)] == []  # no names, no scan: none
+    assert [le.name for le in await leases(redis, keys, scan=True)] == ["router"]
+    assert snap.instances[0].leases == ["router"]
 
 
 async def _dead_letters(d: Daemon, texts: list[str]) -> list[str]:
