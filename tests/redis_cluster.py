@@ -42,7 +42,7 @@ def _server() -> str:
     return found
 
 
-def _cli(port: int, *args: str, timeout: float = 10) -> str:
+def cli(port: int, *args: str, timeout: float = 10) -> str:
     return subprocess.run(
         ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
         capture_output=True, text=True, timeout=timeout, check=True,
@@ -71,7 +71,7 @@ def _servers(workdir: Path, confs: list[list[str]]) -> Iterator[list[subprocess.
             d.mkdir()
             common = ["--bind", "127.0.0.1", "--dir", str(d)]
             if "--sentinel" not in extra:
-                common += ["--save", "", "--appendonly", "no"]
+                common += ["--save", "", "--appendonly", "no", "--enable-debug-command", "local"]
             procs.append(
                 subprocess.Popen(
                     [server, *extra, *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -96,14 +96,14 @@ def cluster(workdir: Path, masters: int = 3) -> Iterator[list[int]]:
               "--cluster-node-timeout", "2000"] for p in ports]  # fmt: skip
     with _servers(workdir, confs):
         for p in ports:
-            _wait(lambda p=p: _cli(p, "ping").strip() == "PONG", f"cluster node {p}")
+            _wait(lambda p=p: cli(p, "ping").strip() == "PONG", f"cluster node {p}")
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
              "--cluster-replicas", "0", "--cluster-yes"],
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
         for p in ports:
-            _wait(lambda p=p: "cluster_state:ok" in _cli(p, "cluster", "info"), f"cluster state on {p}")
+            _wait(lambda p=p: "cluster_state:ok" in cli(p, "cluster", "info"), f"cluster state on {p}")
         yield ports
 
 
@@ -119,6 +119,6 @@ def sentinel(workdir: Path, service: str = "main") -> Iterator[tuple[int, int, i
     confs = [["--port", str(master)], ["--port", str(replica), "--replicaof", "127.0.0.1", str(master)],
              [str(conf), "--sentinel"]]  # fmt: skip
     with _servers(workdir, confs):
-        _wait(lambda: "master_link_status:up" in _cli(replica, "info", "replication"), "replica link")
-        _wait(lambda: str(master) in _cli(sent, "sentinel", "get-master-addr-by-name", service), "sentinel")
+        _wait(lambda: "master_link_status:up" in cli(replica, "info", "replication"), "replica link")
+        _wait(lambda: str(master) in cli(sent, "sentinel", "get-master-addr-by-name", service), "sentinel")
         yield master, replica, sent
