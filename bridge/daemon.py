@@ -21,9 +21,10 @@ from bridge.bus import UNAVAILABLE, Bus, Keys, connect
 from bridge.config import Config
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
+from bridge.listener import Listener, install_accept_guard
 from bridge.router import Router
 from bridge.runner import Runner
-from bridge.web import Counters, build_app
+from bridge.web import Counters, build_admin_app, build_app
 
 log = blog.get("daemon")
 
@@ -69,14 +70,6 @@ def sd_notify(message: str) -> bool:
     except OSError as e:
         log.warning("sd_notify.failed", error=str(e))
         return False
-
-
-def _bound_port(runner: web.AppRunner, configured: int) -> int:
-    """The port the server listens on (``configured`` may be 0: any free port)."""
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return configured
 
 
 async def _unfreeze_gc() -> None:
@@ -211,7 +204,9 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.http_session: aiohttp.ClientSession | None = None
         self.app_runner: web.AppRunner | None = None
-        self.site: web.TCPSite | None = None
+        self.listeners: dict[str, Listener] = {}
+        #: bound ports by listener name (``public``, ``admin``)
+        self.ports: dict[str, int] = {}
         self.port: int | None = None
         self._options: dict[str, Any] = {}
         self._stop_requested = asyncio.Event()
@@ -311,19 +306,44 @@ class Daemon:
                 self.supervisor.spawn(f"source:{name}", src.run)
 
     async def _serve_http(self) -> None:
+        http = self.config.http
+        admin_at = self.config.admin_listen
         app = build_app(
             self,
-            max_body=self.config.http.max_body,
+            max_body=http.max_body,
             routes=[(name, src.routes()) for name, src in self.sources.items()],
+            admin=admin_at is None,
+            body_timeout=http.body_timeout,
         )
-        self.app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.app_runner.setup()
-        self.lifecycle.on_stop("http_server", self.app_runner.cleanup)
-        host, port = self.config.listen
-        self.site = web.TCPSite(self.app_runner, host, port, reuse_address=True)
-        await self.site.start()
-        self.lifecycle.on_stop("stop_accepting", self.site.stop)
-        self.port = _bound_port(self.app_runner, port)
+        undo_accept_guard = install_accept_guard(asyncio.get_running_loop())
+
+        async def restore_handler() -> None:
+            undo_accept_guard()
+
+        self.lifecycle.on_stop("accept_guard", restore_handler)
+        self.app_runner = await self._listen(app, "public", self.config.listen)
+        if admin_at is not None:
+            await self._listen(build_admin_app(self), "admin", admin_at)
+
+    async def _listen(self, app: web.Application, name: str, where: tuple[str, int]) -> web.AppRunner:
+        """Serve ``app`` on ``where`` through a guarded :class:`Listener` (bridge/listener.py)."""
+        http = self.config.http
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=http.keepalive_timeout
+        )
+        await runner.setup()
+        suffix = "" if name == "public" else f":{name}"
+        self.lifecycle.on_stop(f"http_server{suffix}", runner.cleanup)
+        listener = Listener(
+            runner, name, header_timeout=http.header_timeout, max_connections=http.max_connections
+        )
+        port = await listener.start(*where)
+        self.lifecycle.on_stop(f"stop_accepting{suffix}", listener.stop)
+        self.listeners[name] = listener
+        self.ports[name] = port
+        if name == "public":
+            self.port = port
+        return runner
 
     async def _start_watchdog(self) -> None:
         wd = os.environ.get("WATCHDOG_USEC")

@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import MutableMapping
@@ -26,15 +25,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from bridge.config import SECRET_KEYS, Secret
-
-_URL_CRED = re.compile(r"(://)[^/@\s]*@")
-_QUERY_SECRET = re.compile(r"((?:access_token|key|corpsecret|secret|token)=)[^&\s\"']+", re.IGNORECASE)
-
-
-def scrub(text: str) -> str:
-    """Remove credentials that ride in URLs (``user:pass@``, ``?access_token=``, ``?key=``)."""
-    return _QUERY_SECRET.sub(r"\1***", _URL_CRED.sub(r"\1***@", text))
+from bridge.config import Secret
+from bridge.redact import SECRET_KEYS, scrub
 
 
 @functools.lru_cache(maxsize=4096)
@@ -50,7 +42,7 @@ def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[st
             if v is not None and v != "":
                 changes[k] = "***"
         elif type(v) is str:
-            if "://" in v or "=" in v:
+            if "://" in v or "=" in v or ":" in v:
                 changes[k] = scrub(v)
         elif isinstance(v, Secret):
             changes[k] = "***"

@@ -24,7 +24,7 @@ Config::
     # allow_plaintext = false            # accept plaintext pushes although a key is set
     # timestamp_tolerance = 300          # seconds, 0 = off
     # dedupe_ttl = 86400
-    # max_body = 65536
+    # max_body = 32768
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ from adapters.wechat.callback import (
     InboundOptions,
     WeChatInbound,
     check_aes_key,
+    parse_signed_outer,
     read_body,
     require_fields,
     required,
+    scan_encrypt,
     xml_message,
 )
 from adapters.wechat.crypto import WXBizMsgCrypt, verify_plain_signature
@@ -105,11 +107,12 @@ class WeChatOASource(WeChatInbound):
                 raise CallbackRefused(400, "encrypted push but no encoding_aes_key is configured")
             sig, ts, nonce = required(query, "msg_signature", "timestamp", "nonce")
             self.fresh(ts)
-            outer = parse_xml(await read_body(request, self.options.max_body), "body")
-            encrypt = field(outer, "Encrypt")
-            if not encrypt:
-                raise CallbackRefused(400, "body has no Encrypt")
-            msg = parse_xml(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
+            body = await read_body(request, self.options.max_body)
+            self.fresh(ts)  # again: the body may have taken a while
+            encrypt = scan_encrypt(body)
+            self._crypt.verify_signature(sig, ts, nonce, encrypt)
+            outer = parse_signed_outer(body, encrypt)
+            msg = parse_xml(self._crypt.decrypt(encrypt), "message")
             meta = {"mode": "compatible" if field(outer, "MsgType") else "safe"}
         else:
             raise CallbackRefused(400, "unknown encrypt_type")

@@ -29,7 +29,7 @@ Config::
     # stream_window = 330           # seconds an answer may still go into the stream (WeCom polls ≤ 360)
     # timestamp_tolerance = 300     # seconds, 0 = off
     # dedupe_ttl = 86400
-    # max_body = 65536
+    # max_body = 32768
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ import pytest
 
 from adapters import SINKS, SOURCES
 from bridge.adapter import Registry
-from bridge.config import Secret, load, masked, parse_rates
+from bridge.config import Secret, load, parse_rates
+from bridge.redact import masked
 from bridge.errors import ConfigError
 
 BASE = """
