@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bridge import egress
 from bridge.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -115,11 +116,6 @@ class RedisSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     socket_timeout: float = 3.0
 
 
-#: WeCom's and WeChat's own hosts: API (qyapi.weixin.qq.com, api.weixin.qq.com), media and images
-#: (*.qpic.cn, *.wx.qq.com, *.weixin.qq.com)
-DEFAULT_FETCH_HOSTS = (".weixin.qq.com", ".qq.com", ".qpic.cn", ".qlogo.cn")
-
-
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
     max_body: int = 1_048_576
@@ -135,8 +131,9 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 512
     #: hosts the daemon fetches from or posts to on a payload's say-so (response_url, attachment
     #: URLs): exact names, or ``.example.com`` for a domain and its subdomains
-    fetch_hosts: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FETCH_HOSTS))
-    #: private, loopback or link-local networks (CIDR) such fetches may still reach (default none)
+    fetch_hosts: list[str] = msgspec.field(default_factory=lambda: list(egress.DEFAULT_HOSTS))
+    #: private, loopback or link-local networks (CIDR) such fetches may still reach (default none);
+    #: both keys are bridge/egress.py's
     fetch_private: list[str] = []
 
 

@@ -19,8 +19,10 @@ from bridge import logging as blog
 from bridge.adapter import Context, Registry, Sink, Source
 from bridge.bus import UNAVAILABLE, Bus, Keys, connect
 from bridge.config import Config
+from bridge.egress import Egress
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
+from bridge.files import private_dir
 from bridge.listener import Listener, install_accept_guard
 from bridge.router import Router
 from bridge.runner import Runner
@@ -235,7 +237,7 @@ class Daemon:
 
     async def _make_data_dir(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.data_dir)  # 0700, its files 0600 (bridge/files.py)
         log.info("daemon.starting", instance=self.instance, config=str(cfg.path), data_dir=str(cfg.data_dir))
 
     async def _connect_redis(self) -> None:
@@ -273,6 +275,7 @@ class Daemon:
             instance=self.instance,
             data_dir=cfg.data_dir,
             http=self._http,
+            egress=Egress(cfg.http.fetch_hosts, cfg.http.fetch_private),
         )
         for i in cfg.inbound:
             scls = self.registry.source(i.type, f"inbound.{i.name}", cfg.path)

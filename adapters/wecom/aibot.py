@@ -155,6 +155,10 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     if stream and kind == "message":
         meta["stream_id"] = key
     created = msg.get("create_time")
+    if not isinstance(created, int) or isinstance(created, bool):
+        created = None  # not a time: left out, as before
+    elif not 0 <= created < 2**40:
+        raise CallbackRefused(400, "bad create_time")  # float() of 10**400 would overflow
     aibot_id = field(msg, "aibotid")
     env = make_envelope(
         source,
@@ -170,11 +174,7 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
         event=event,
         meta=meta,
         raw=msg,
-        **(
-            {"created_at": float(created)}
-            if isinstance(created, int) and not isinstance(created, bool)
-            else {}
-        ),
+        **({"created_at": float(created)} if created is not None else {}),
     )
     return env, key
 

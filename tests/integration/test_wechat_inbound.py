@@ -691,6 +691,11 @@ async def test_every_bad_input_class_is_refused_and_publishes_nothing(bridge: Br
     assert await bridge.inbound_len() == 1
 
 
+def plain_q(nonce: str, ts: str | None = None) -> dict[str, str]:
+    ts = now() if ts is None else ts
+    return {"signature": plain_signature(TOKEN, ts, nonce), "timestamp": ts, "nonce": nonce}
+
+
 async def test_oa_plaintext_mode_bad_inputs(bridge: Bridge) -> None:
     ts = now()
     q = {"signature": plain_signature(TOKEN, ts, "5"), "timestamp": ts, "nonce": "5"}
@@ -700,11 +705,11 @@ async def test_oa_plaintext_mode_bad_inputs(bridge: Bridge) -> None:
         ({k: v for k, v in q.items() if k != "signature"}, good, 403),
         (q | {"signature": "f" * 40}, good, 403),
         ({"signature": plain_signature(TOKEN, old, "5"), "timestamp": old, "nonce": "5"}, good, 403),
-        (q, b"<xml><MsgType>text</MsgType>", 400),
-        (q, b'<!DOCTYPE xml [<!ENTITY e "x">]><xml><MsgType>&e;</MsgType></xml>', 400),
-        (q, xml(MsgType="text"), 400),
+        (plain_q("6"), b"<xml><MsgType>text</MsgType>", 400),  # a nonce each: one body per signed query
+        (plain_q("7"), b'<!DOCTYPE xml [<!ENTITY e "x">]><xml><MsgType>&e;</MsgType></xml>', 400),
+        (plain_q("8"), xml(MsgType="text"), 400),
         (q | {"encrypt_type": "aes", "msg_signature": "0" * 40}, good, 400),  # no key configured
-        (q, b"x" * 65_537, 413),
+        (plain_q("9"), b"x" * 65_537, 413),
     ]
     for query, body, want in cases:
         assert (await bridge.call("POST", "/wechat/oa-plain", query, body))[0] == want, (query, body[:40])
