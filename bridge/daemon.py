@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 import signal
+import time
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from aiohttp import web
 from bridge import logging as blog
 from bridge.adapter import Context, Registry, Sink, Source
 from bridge.bus import UNAVAILABLE, Bus, Keys, connect
-from bridge.config import Config
+from bridge.config import Config, load
 from bridge.egress import Egress
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
@@ -451,14 +452,30 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def reload(self) -> bool:
+        """SIGHUP (``systemctl reload``): the daemon keeps running and checks the config file again,
+        logging whether it is valid (``daemon.reload_checked``); changes take effect on a restart. It
+        never stops the service. Returns whether the file is valid."""
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            load(self.config.path)
+        except ConfigError as e:
+            log.error("daemon.reload_checked", valid=False, error=str(e))
+            return False
+        finally:
+            sd_notify("READY=1\nSTATUS=running")
+        log.info("daemon.reload_checked", valid=True, note="changes take effect on restart")
+        return True
+
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
             await self._stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.stop()

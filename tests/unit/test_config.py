@@ -7,8 +7,8 @@ import pytest
 from adapters import SINKS, SOURCES
 from bridge.adapter import Registry
 from bridge.config import Secret, load, parse_rates
-from bridge.redact import masked
 from bridge.errors import ConfigError
+from bridge.redact import masked
 
 BASE = """
 [[inbound]]
