@@ -40,7 +40,7 @@ class _Guarded(asyncio.Protocol):
         server = listener.runner.server
         assert server is not None  # the runner is set up before the listener starts
         self.inner: Any = server()  # aiohttp's RequestHandler
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None
         self.busy = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -60,12 +60,12 @@ class _Guarded(asyncio.Protocol):
 
     # -- asyncio.Protocol, passed on -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses; they have the same methods
         self.transport = transport
         lst = self.listener
         if len(lst.open) >= lst.max_connections:
             refusals.note(log, "http.connection_refused", lst.name, "too many connections")
-            transport.abort()
+            self.transport.abort()
             return
         lst.open.add(self)
         self.arm()
