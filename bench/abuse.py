@@ -73,7 +73,8 @@ def _signed(seq: int) -> tuple[str, bytes]:
     c = WXBizMsgCrypt(TOKEN, KEY, CORP)
     ts = str(int(time.time()))
     msg = (
-        f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><FromUserName><![CDATA[u{seq % 50}]]></FromUserName>"
+        f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName>"
+        f"<FromUserName><![CDATA[u{seq % 50}]]></FromUserName>"
         f"<CreateTime>{ts}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello {seq}]]>"
         f"</Content><MsgId>{10**15 + seq}</MsgId><AgentID>1000002</AgentID></xml>"
     ).encode()
@@ -161,23 +162,31 @@ async def attack(port: int, seconds: float, forged: int, slow: int, unsigned: in
                 await asyncio.sleep(0.5)
                 continue
             got["slow:opened"] += 1
+            opened = time.monotonic()
+            how = "held_to_end"
             try:
                 writer.write(b"POST /hook HTTP/1.1\r\nHost: x\r\n")
                 while time.monotonic() < end:
                     await asyncio.sleep(1.0)
+                    if reader.at_eof():
+                        how = "closed_by_daemon"
+                        break
                     writer.write(b"X")
                     await writer.drain()
-                    if reader.at_eof():
-                        break
             except OSError:
-                pass
-            got["slow:closed_by_daemon" if time.monotonic() < end else "slow:held_to_end"] += 1
+                how = "reset_by_daemon"
+            got[f"slow:{how}"] += 1
+            if how != "held_to_end":
+                got["slow:seconds_held_total"] += round(time.monotonic() - opened)
             writer.close()
 
     async def flooder() -> None:
         body = b"{" * 1_048_576
         while time.monotonic() < end:
-            head = b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
+            head = (
+                b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1048576\r\n\r\n"
+            )
             got[f"unsigned:{await _request('127.0.0.1', port, head, body, 10.0)}"] += 1
 
     await asyncio.gather(
@@ -219,7 +228,8 @@ def main() -> None:
         cpu0, t0 = proc_cpu_seconds(d.pid), time.monotonic()
         attacker = procs.start(
             "abuse-attacker",
-            [PY, "-m", "bench.abuse", "--role", "attack", "--port", str(port), "--seconds", str(a.seconds + 2),
+            [PY, "-m", "bench.abuse", "--role", "attack", "--port", str(port),
+             "--seconds", str(a.seconds + 2),
              "--forged", str(a.forged), "--slow", str(a.slow), "--unsigned", str(a.unsigned)],
         )  # fmt: skip
         time.sleep(2.0)  # let the attack build up
@@ -255,16 +265,19 @@ def main() -> None:
     path = save_json(OUT / "abuse.json", res)
     u = res["under_attack"]
     print(
-        f"quiet:        p50 {res['quiet']['p50_ms']} ms  p99 {res['quiet']['p99_ms']} ms  {res['quiet']['statuses']}"
+        f"quiet:        p50 {res['quiet']['p50_ms']} ms  p99 {res['quiet']['p99_ms']} ms  "
+        f"{res['quiet']['statuses']}"
     )
     print(f"under attack: p50 {u['p50_ms']} ms  p99 {u['p99_ms']} ms  max {u['max_ms']} ms  {u['statuses']}")
-    print(f"daemon: CPU {res['daemon_cpu_share'] * 100:.0f} % of a core, RSS peak {res['daemon_rss_peak_mb']} MiB"
+    print(f"daemon: CPU {res['daemon_cpu_share'] * 100:.0f} % of a core, "
+          f"RSS peak {res['daemon_rss_peak_mb']} MiB"
           f" (MemoryMax {MEMORY_MAX_MB} MiB)")  # fmt: skip
     print(f"attackers got: {res['attack']}")
     for line in res.get("refused", []):
         print(f"  {line}")
     print(
-        f"targets: p99 < 1000 ms: {u['p99_ms'] < 1000}; RSS < MemoryMax: {res['daemon_rss_peak_mb'] < MEMORY_MAX_MB}"
+        f"targets: p99 < 1000 ms: {u['p99_ms'] < 1000}; "
+        f"RSS < MemoryMax: {res['daemon_rss_peak_mb'] < MEMORY_MAX_MB}"
     )
     print(f"saved {path}")
 

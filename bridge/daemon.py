@@ -7,8 +7,8 @@ import contextlib
 import gc
 import os
 import signal
-import time
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
