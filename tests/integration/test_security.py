@@ -623,9 +623,13 @@ def test_stdlib_and_aiohttp_records_go_through_structlog(capsys: pytest.CaptureF
     saved = structlog.get_config()
     try:
         blog.setup("info", "json")
-        logging.getLogger("aiohttp.server").error("Error handling request from %s (security test)", "1.2.3.4\x1b[31m")
+        logging.getLogger("aiohttp.server").error(
+            "Error handling request from %s (security test)", "1.2.3.4\x1b[31m"
+        )
         for _ in range(50):
-            logging.getLogger("aiohttp.server").error("Error handling request from %s (security test)", "5.6.7.8")
+            logging.getLogger("aiohttp.server").error(
+                "Error handling request from %s (security test)", "5.6.7.8"
+            )
         blog.flush()
         err = capsys.readouterr().err
     finally:
