@@ -115,6 +115,12 @@ async def request_in_progress(
             proto.arm()
 
 
+#: connections the kernel queues before the daemon accepts them. aiohttp's default is 128: under a
+#: flood of short connections the queue fills, and a SYN that finds it full waits for the client's
+#: 1 s retransmission — a second added to a legitimate callback (bench/abuse measures it).
+BACKLOG = 1024
+
+
 class Listener:
     """One listening socket for ``runner`` (set up) with the guards above."""
 
@@ -137,7 +143,7 @@ class Listener:
         """Listen on host:port; the bound port (``port`` 0 picks one)."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: _Guarded(self), host, port, reuse_address=True, backlog=128
+            lambda: _Guarded(self), host, port, reuse_address=True, backlog=BACKLOG
         )
         sock = self.server.sockets[0]
         bound: int = sock.getsockname()[1] if sock.family in (socket.AF_INET, socket.AF_INET6) else port
