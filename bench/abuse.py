@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -197,6 +198,44 @@ async def attack(port: int, seconds: float, forged: int, slow: int, unsigned: in
     return dict(got)
 
 
+# -- what a refusal costs in the handler (in process, no HTTP) ----------------------------------------
+
+
+def refusal_cost() -> dict[str, float]:
+    """µs per refusal: a cheap one (a short Encrypt, bad signature), and a forged body just under the
+    cap (8,000 empty elements around a bad-signature Encrypt) refused as the inbound does it — scan,
+    then verify — beside parsing it first, as the code before issue 11 did."""
+    import timeit
+
+    from adapters.wechat.callback import scan_encrypt
+    from adapters.wechat.crypto import CryptoError, WXBizMsgCrypt
+    from adapters.wechat.parsing import CallbackRefused, parse_xml
+
+    c = WXBizMsgCrypt(TOKEN, KEY, CORP)
+    forged = b"<xml>" + b"<a/>" * 8000 + b"<Encrypt>QUJD</Encrypt></xml>"
+
+    def cheap() -> None:
+        with contextlib.suppress(CryptoError):
+            c.verify_signature("0" * 40, "1", "2", "QUJD")
+
+    def scan_first() -> None:
+        with contextlib.suppress(CryptoError, CallbackRefused):
+            c.verify_signature("0" * 40, "1", "2", scan_encrypt(forged))
+
+    def parse_first() -> None:
+        with contextlib.suppress(CryptoError, CallbackRefused):
+            c.verify_signature("0" * 40, "1", "2", str(parse_xml(forged, "body").get("Encrypt", "")))
+
+    out = {}
+    for name, f, n in (
+        ("cheap", cheap, 2000),
+        ("forged_scan_first", scan_first, 2000),
+        ("forged_parse_first", parse_first, 50),
+    ):
+        out[name + "_us"] = round(min(timeit.repeat(f, number=n, repeat=5)) / n * 1e6, 1)
+    return out
+
+
 # -- the run -------------------------------------------------------------------------------------------
 
 
@@ -220,7 +259,8 @@ def main() -> None:
     prefix = new_prefix("abuse")
     port, stats = free_port(), free_port()
     cfg = write_config("abuse", prefix=prefix, listen_port=port, body=CONFIG, log_level="warning")
-    res: dict[str, Any] = {"args": vars(a)}
+    res: dict[str, Any] = {"args": vars(a), "refusal_cost": refusal_cost()}
+    print(f"refusal cost in the handler (µs): {res['refusal_cost']}")
     with Procs() as procs:
         d = procs.start("abuse-daemon", daemon_args(cfg, stats))
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=d)
