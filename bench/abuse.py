@@ -252,8 +252,8 @@ def main() -> None:
     if not 1 <= a.seconds <= 600 or a.forged + a.slow + a.unsigned > 2000:
         sys.exit("bounded: --seconds 1..600 and at most 2,000 attacking connections")
     if a.role == "attack":
-        res = asyncio.run(attack(a.port, a.seconds, a.forged, a.slow, a.unsigned))
-        (OUT / "abuse-attack.json").write_text(json.dumps(res))
+        got = asyncio.run(attack(a.port, a.seconds, a.forged, a.slow, a.unsigned))
+        (OUT / "abuse-attack.json").write_text(json.dumps(got))
         return
 
     prefix = new_prefix("abuse")
