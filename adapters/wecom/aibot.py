@@ -193,6 +193,7 @@ class WeComAIBotSource(WeComSigned):
         if not _NONCE_RE.fullmatch(nonce):
             raise CallbackRefused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
         body = await read_body(request, self.options.max_body)
+        self.fresh(ts)  # again: the body may have taken a while
         try:
             encrypt = _outer.decode(body).encrypt
         except (ValueError, RecursionError):  # msgspec.DecodeError/ValidationError, UnicodeDecodeError
