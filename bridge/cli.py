@@ -20,11 +20,12 @@ import msgspec
 from bridge import logging as blog
 from bridge.adapter import Registry
 from bridge.bus import Bus, Field, Keys, connect
-from bridge.config import Config, load, masked
+from bridge.config import Config, load
 from bridge.dead import DeadLetters
 from bridge.embedded_redis import client_url
 from bridge.envelope import Conversation, Sender, make_envelope
 from bridge.errors import ConfigError, EmbeddedRedisError
+from bridge.redact import masked
 from bridge.status import snapshot, table
 
 #: a sub-command contributed by the adapters: (configure its parser, run it)

@@ -13,7 +13,7 @@ Names (all prefixed ``wechat_bridge_``; counters end in ``_total`` in the exposi
 family                                      labels               what
 ==========================================  ===================  ======================================
 ``received_total``                          adapter              requests an inbound route received
-``refused_total``                           adapter, reason      requests refused (reason: HTTP status)
+``refused_total``                           event, source, rsn   refused (``bridge.refusals``: why, where)
 ``published_total``                         adapter              envelopes stored on the inbound stream
 ``deduplicated_total``                      adapter              envelopes dropped as already seen
 ``routed_total``                            sink                 deliveries the router wrote
@@ -39,11 +39,15 @@ family                                      labels               what
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from bridge import refusals
 
 if TYPE_CHECKING:
     from bridge.envelope import Delivery
@@ -52,6 +56,18 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _Refusals(Collector):
+    """``refused_total`` from :mod:`bridge.refusals` (counted per process, by whoever refuses)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily(
+            "wechat_bridge_refused", "Requests and connections refused", labels=["event", "source", "reason"]
+        )
+        for (event, source, reason), n in sorted(refusals.counts().items()):
+            fam.add_metric([event, source, reason], n)
+        yield fam
 
 
 class Metrics:
@@ -70,7 +86,7 @@ class Metrics:
             return Histogram(f"wechat_bridge_{name}", doc, labels, buckets=LATENCY_BUCKETS, registry=r)
 
         self.received = counter("received", "Requests an inbound route received", ["adapter"])
-        self.refused = counter("refused", "Inbound requests refused, by HTTP status", ["adapter", "reason"])
+        r.register(_Refusals())
         self.published = counter("published", "Envelopes stored on the inbound stream", ["adapter"])
         self.deduplicated = counter("deduplicated", "Envelopes dropped as already seen", ["adapter"])
         self.routed = counter("routed", "Deliveries the router wrote to a sink's stream", ["sink"])

@@ -159,7 +159,7 @@ async def test_the_steps_undo_in_the_order_of_the_old_shutdown_list(
     assert [s.name for s in d.steps()][:3] == ["validate_config", "data_dir", "redis"]
     pending = [p for p in d.lifecycle.pending if p != "unfreeze_gc"]
     assert pending == [
-        "stop_accepting", "http_server", "heartbeat", "workers", "http_client",
+        "stop_accepting", "http_server", "accept_guard", "heartbeat", "workers", "http_client",
         "adapter:hook", "adapter:b", "adapter:a", "redis",
     ]  # fmt: skip
     await d.stop()
@@ -217,7 +217,7 @@ async def test_the_web_app_needs_only_the_status_interface() -> None:
                     "not_ready": {"feed": "token rejected"},
                 }
             async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
-                assert (await r.json())["instance"] == "probe"
+                assert await r.json() == {"status": "alive"}  # no instance (host) name: issue 11
             async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert r.headers["Content-Type"].startswith("text/plain; version=")
                 assert 'wechat_bridge_delivered_total{sink="s"} 2.0' in (await r.text()).splitlines()
