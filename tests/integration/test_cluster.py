@@ -228,9 +228,9 @@ def test_wait_replicas_is_refused_on_a_cluster(tmp_path: Path) -> None:
 
 
 async def test_a_failover_loses_nothing_wait_confirmed(tmp_path: Path, prefix: str) -> None:
-    """Kill -9 the master while its replica lags: Sentinel promotes the replica, every envelope the
-    bus confirmed (WAIT 1) is on the new master, and those published during the lag were refused
-    (503 to the platform) instead of confirmed; the client follows the fail-over by itself."""
+    """While the replica lags, publishes are refused (WAIT 1 times out: 503 to the platform) instead
+    of confirmed; then kill -9 the master: Sentinel promotes the replica, every envelope the bus
+    confirmed is on it, and the client follows the fail-over by itself."""
     with redis_cluster.sentinel(tmp_path) as (master, replica, sent):
         r = connect(f"redis+sentinel://127.0.0.1:{sent}/main", 1.0)
         keys = Keys(prefix)
@@ -251,6 +251,7 @@ async def test_a_failover_loses_nothing_wait_confirmed(tmp_path: Path, prefix: s
                     await bus.publish(
                         make_envelope("in", Conversation("c0"), f"late{i}"), dedupe_key=f"late{i}"
                     )
+            await stall  # a replica that answers again: Sentinel only promotes a healthy one
             info = await asyncio.to_thread(redis_cluster.cli, master, "info", "server")
             pid = int(re.findall(r"process_id:(\d+)", info)[0])
             os.kill(pid, signal.SIGKILL)
@@ -262,7 +263,7 @@ async def test_a_failover_loses_nothing_wait_confirmed(tmp_path: Path, prefix: s
                     return False
                 return int(port) == replica
 
-            await wait_for(promoted, timeout=30, every=0.2)
+            await wait_for(promoted, timeout=60, every=0.2)
             on_new_master = connect(f"redis://127.0.0.1:{replica}")
             try:
                 stored = [
@@ -271,10 +272,9 @@ async def test_a_failover_loses_nothing_wait_confirmed(tmp_path: Path, prefix: s
                 ]
             finally:
                 await on_new_master.aclose()
-            await stall
             # every confirmed envelope, in order. The three unconfirmed ones may or may not have
-            # reached the replica (here they sat in its socket buffer while it slept): their callbacks
-            # got 503, the platform retries, and the dedupe marker absorbs a copy that did arrive
+            # reached the replica (here they did, once it woke): their callbacks got 503, the
+            # platform retries, and the dedupe marker absorbs a copy that did arrive
             assert stored[: len(confirmed)] == confirmed and len(stored) <= len(confirmed) + 3
 
             async def publishes_again() -> bool:  # the same client, on the new master
