@@ -40,7 +40,9 @@ from bridge.bus import RUNNER_GROUP, UNAVAILABLE, Bus, Entry, Field
 from bridge.config import OutboundConfig, Rate, parse_rates
 from bridge.envelope import Delivery, decode_delivery, encode
 from bridge.errors import PermanentError, RetryableError
+from bridge.lease import Lease
 from bridge.ratelimit import Limit, Limiter
+from bridge.recovery import Recovery
 from bridge.router import reply_envelope
 from bridge.scripts import OK, UNCLAIMED, Ack, Claim, ClaimStatus, Owner, Scripts
 
@@ -221,6 +223,10 @@ class Runner:
         *,
         batch: int = 128,
         shutdown_timeout: float = 10.0,
+        stream: str | None = None,
+        lease: Lease | None = None,
+        concurrency: int | None = None,
+        max_deliveries: int = 20,
     ) -> None:
         self.sink = sink
         self.ctx = sink.ctx
@@ -228,13 +234,17 @@ class Runner:
         self.bus = bus
         self.keys = bus.keys
         self.instance = instance
-        self.owner = Owner(instance, f"{instance}:{uuid.uuid4().hex[:12]}")
-        self.stream = bus.keys.out(cfg.name)
+        #: the partition's lease (bridge/partitions.py): read and send only while it is held; None:
+        #: the runner reads the whole stream alone (tests, one-off drains)
+        self.lease = lease
+        self.owner = Owner(instance, f"{instance}:{uuid.uuid4().hex[:12]}", takes_any=lease is not None)
+        self.stream = stream or bus.keys.out(cfg.name)
+        self.concurrency = concurrency or cfg.concurrency
+        self.max_deliveries = max_deliveries
         self.batch = batch
         self.shutdown_timeout = shutdown_timeout
         self.log = blog.get("runner", sink=cfg.name)
-        rates = parse_rates(cfg.rate) if cfg.rate is not None else parse_rates(sink.default_rate or "")
-        self.rates: list[Rate] = rates
+        self.rates: list[Rate] = self.sink_rates(sink, cfg)
         self._claim_ttl_ms = int(cfg.claim_idle * 1000)
         self.scripts = bus.scripts
         self._limiter = Limiter(bus.redis)
@@ -244,8 +254,10 @@ class Runner:
             marker_prefix=bus.keys.mark(cfg.name, ""),
         )  # fmt: skip
         self._stopping = asyncio.Event()
+        #: stopping because the lease ended: no drain, sends in flight are cancelled
+        self._aborting = False
         #: read-ahead: at most this many deliveries taken and not finished; read again below half
-        self._limit = max(cfg.concurrency * 4, 64)
+        self._limit = max(self.concurrency * 4, 64)
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._inflight: dict[str, _Job] = {}
@@ -263,19 +275,46 @@ class Runner:
         self.sent = 0
         self.dead = 0
 
+    @staticmethod
+    def sink_rates(sink: Sink, cfg: OutboundConfig) -> list[Rate]:
+        """The sink's rates: ``rate`` from the config, else the adapter's default."""
+        return parse_rates(cfg.rate) if cfg.rate is not None else parse_rates(sink.default_rate or "")
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def stop(self) -> None:
         self._stopping.set()
         self._room.set()
 
+    def abort(self) -> None:
+        """Stop at once (the partition's lease ended): cancel the sends in flight, ack nothing more
+        of what is unfinished; it stays pending for the next holder."""
+        self._aborting = True
+        self.stop()
+
+    def _may_send(self) -> bool:
+        if self.lease is not None and not self.lease.held:
+            self.abort()
+        return not self._aborting
+
     async def run(self) -> None:
         """Poll until stopped, then finish what is in flight (within ``shutdown_timeout``)."""
+        # every run starts with our own pending entries, in stream order (a previous run's, or
+        # the ones a take-over just made ours)
+        self._start = "0"
+        self.read_claim.last_read = "0"
         await self.bus.ensure_group(self.stream, RUNNER_GROUP)
+        if self.lease is not None:
+            rec = Recovery(
+                self.bus, self.stream, RUNNER_GROUP, self.instance,
+                max_deliveries=self.max_deliveries, origin=f"out:{self.cfg.name}",
+            )  # fmt: skip
+            self.dead += (await rec.take_over()).dead
+            await rec.drop_consumers(max(60.0, self.lease.ttl * 3))
         self._ack_task = asyncio.create_task(self.acks.run(), name=f"acker:{self.cfg.name}")
         self._workers = [
             asyncio.create_task(self._worker(), name=f"send:{self.cfg.name}:{n}")
-            for n in range(self.cfg.concurrency)
+            for n in range(self.concurrency)
         ]
         self._next_reclaim = time.monotonic() + self._reclaim_every()
         try:
@@ -299,6 +338,8 @@ class Runner:
         then take over entries idle on vanished consumers. False when the run should end."""
         if not await self._wait_for_room():
             return True
+        if not self._may_send():
+            return False
         count = min(self.batch, self._limit - len(self._inflight))
         claims: dict[str, Claim] | None = None
         if self._start != ">":  # our own pending entries first, claimed in _admit
@@ -320,7 +361,8 @@ class Runner:
             await self._idle.wait()
             if not self._inflight and not len(self.acks):
                 return False
-        if time.monotonic() >= self._next_reclaim:
+        if self.lease is None and time.monotonic() >= self._next_reclaim:
+            # a lease holder is the partition's only reader: what others left, it took over at start
             self._next_reclaim = time.monotonic() + self._reclaim_every()
             self._reclaim_cursor = await self._reclaim(self._reclaim_cursor)
         return True
@@ -353,18 +395,29 @@ class Runner:
         return str(nxt.decode() if isinstance(nxt, bytes) else nxt)
 
     async def _drain(self) -> None:
-        if self._inflight:
-            try:
+        """Let in-flight sends finish (within ``shutdown_timeout``; not at all on abort), then drop
+        every queued job at once: they stay pending, and the next run (ours or the next holder's)
+        reads them again in stream order. Dropping only the job a cancelled worker held would let
+        a later job of its conversation go first."""
+        if self._inflight and not self._aborting:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.shutdown_timeout)
-            except TimeoutError:
-                self.log.warning("runner.shutdown_unfinished", count=len(self._inflight))
+        if self._inflight:
+            self.log.warning("runner.shutdown_unfinished", count=len(self._inflight), aborted=self._aborting)
         for t in self._workers:
             t.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        self._queues.clear()
+        self._inflight.clear()
+        self._ready = asyncio.Queue()
+        self._idle.set()
+        self._room.set()
         if self._ack_task is not None:
             self._ack_task.cancel()
             await asyncio.gather(self._ack_task, return_exceptions=True)
-        await self.acks.flush()
+        with contextlib.suppress(*UNAVAILABLE):  # unwritten acks: sent again (deduped by marker)
+            await self.acks.flush()
 
     # -- claim: a batch at once --------------------------------------------------------------------
 
@@ -421,6 +474,8 @@ class Runner:
             conv = await self._ready.get()
             q = self._queues[conv]
             job = q[0]
+            if not self._may_send():  # the lease ended: leave the rest pending, in order
+                return
             try:
                 await self.deliver(job)
             except asyncio.CancelledError:
@@ -499,6 +554,8 @@ class Runner:
             if claim.status is ClaimStatus.WAIT:
                 await asyncio.sleep(claim.wait)
                 continue
+            if not self._may_send():  # the lease ended while we waited: the next holder sends it
+                raise asyncio.CancelledError
             attempt += 1
             try:
                 remote_id = await self.sink.send(d, SendContext(d, self, budget=self.cfg.claim_idle / 2))
