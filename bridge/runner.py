@@ -1,6 +1,9 @@
 """The delivery runner, written once for every sink: read → claim → send → ack.
 
-One runner per sink per instance consumes ``P:{out:<sink>}`` in group ``runner``.
+In a daemon, one runner per *partition* of a sink's stream (``P:{out:<sink>}`` and
+``P:{out:<sink>}:p<n>``, group ``runner``) runs on the one instance holding that partition's lease
+(:mod:`bridge.partitions`); it first takes over what the previous holder left pending
+(:mod:`bridge.recovery`), reads it first, and reads and sends only while its lease is held.
 :meth:`Runner.run` polls (:meth:`Runner.poll_iteration`) until stopped:
 
 1. **read** a batch of entries (:class:`ReadClaim`: one round trip that also writes the acks so far
@@ -10,17 +13,20 @@ One runner per sink per instance consumes ``P:{out:<sink>}`` in group ``runner``
    before each send claims again and charges the rate limits (``lua/claim_send.lua``, GCRA), so the
    rate holds at the moment of sending;
 3. **send** through the sink, on one of ``concurrency`` workers (:meth:`Runner.deliver`);
-4. **ack**: on success set the marker to ``done:<remote id>`` and ack, batched (:class:`AckBatch`:
-   many acks in one Lua call). On :class:`RetryableError` back off exponentially with jitter (or the
-   sink's retry-after) *in place*, so a conversation keeps its order; on :class:`PermanentError` or
-   after ``max_attempts`` write a dead letter with the reason, then ack.
+4. **ack**: on success set the marker to ``done:<remote id>`` and ack as soon as the send returned
+   (:class:`AckBatch`: acks that come meanwhile go in the same Lua call). On
+   :class:`RetryableError` back off exponentially with jitter (or the sink's retry-after) *in
+   place*, so a conversation keeps its order; on :class:`PermanentError` or after
+   ``max_attempts`` write a dead letter with the reason, then ack.
 
 Deliveries to one conversation run one after another (a conversation's queue is served by one worker
 at a time); different conversations run concurrently. A stopped runner stops reading, lets queued
-and in-flight sends finish within a bound, acks, and returns; what did not finish stays pending and
-is taken up again by this instance's next life (it reads its own pending entries first) or, after
-``claim_idle``, by another instance. :meth:`Runner.run_until_idle` drives a runner without a daemon:
-it returns once the stream has nothing left for it (tests).
+and in-flight sends finish within a bound, acks, and returns; what did not finish stays pending —
+every queued job is dropped at once, so a conversation's later job never goes before an unfinished
+earlier one — and is read again, in stream order, by the next run (ours or the next lease holder's).
+An aborted runner (its lease ended) cancels its sends at once. A runner without a lease (tests)
+takes over entries idle ``claim_idle`` on vanished consumers. :meth:`Runner.run_until_idle` drives
+a runner without a daemon: it returns once the stream has nothing left for it (tests).
 """
 
 from __future__ import annotations
@@ -47,17 +53,18 @@ from bridge.router import reply_envelope
 from bridge.scripts import OK, UNCLAIMED, Ack, Claim, ClaimStatus, Owner, Scripts
 
 DONE_TTL = 7 * 86_400
-#: acks (done markers + XACK) wait this long to be written together, in one round trip. It widens
-#: the one window where a crash resends (after the platform accepted, before the marker is written)
-#: by as much; a graceful stop writes them at once.
-ACK_LINGER = 0.002
+#: acks (done markers + XACK) wait this long to be written together. 0: a done marker is written as
+#: soon as its send returned (group commit: acks that come while one write is on the wire go in the
+#: next one), which keeps the one window where a crash resends (after the platform accepted, before
+#: the marker is written) as small as one round trip; a graceful stop writes them at once.
+ACK_LINGER = 0.0
 
 
 class AckBatch:
     """Acks waiting to be written together: their done markers and XACKs in one ``sync.lua`` call.
 
-    :meth:`add` queues an ack and wakes :meth:`run`, which lingers :data:`ACK_LINGER` for more and
-    writes them; a read going out meanwhile takes them along instead (:meth:`take`, and
+    :meth:`add` queues an ack and wakes :meth:`run`, which writes them at once (after
+    :data:`ACK_LINGER`, when set); a read going out meanwhile takes them along instead (:meth:`take`, and
     :meth:`put_back` when that read failed). :meth:`sync` writes them with a claim of markers.
     """
 
@@ -124,8 +131,8 @@ class AckBatch:
         """Write acks shortly after they come, until cancelled."""
         while True:
             await self._wake.wait()
-            # linger a moment: more acks come, and the read loop's next read may carry them all
-            await asyncio.sleep(self.linger)
+            if self.linger > 0:  # more acks come meanwhile, or a read carries them all
+                await asyncio.sleep(self.linger)
             self._wake.clear()
             try:
                 await self.flush()
@@ -210,8 +217,9 @@ class Runner:
     in place); different conversations are served concurrently. Each poll reads a batch and claims
     the idempotency markers of the whole batch in the same round trip (:class:`ReadClaim`) and
     queues the deliveries; a worker sends without another round trip when the sink has no rate to
-    charge. Acks are batched (:class:`AckBatch`) and ride on the next read when one comes within
-    ``ACK_LINGER``. Implements :class:`bridge.adapter.DeliveryServices` for its sink.
+    charge. Acks are written as soon as the send returned (:class:`AckBatch`: the ones that come
+    while a write is on the wire go together, or ride on a read going out). Implements
+    :class:`bridge.adapter.DeliveryServices` for its sink.
     """
 
     def __init__(
