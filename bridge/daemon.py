@@ -119,14 +119,14 @@ class Supervisor:
                 raise
             except UNAVAILABLE as e:
                 redis_down = True
+                delay = self._fresh(delay, started)
                 log.warning("task.redis_unavailable", task=name, error=str(e), retry_in=min(delay, 1.0))
             except Exception:
+                delay = self._fresh(delay, started)
                 self.crashes[name] = self.crashes.get(name, 0) + 1
                 log.exception("task.crashed", task=name, crashes=self.crashes[name], restart_in=delay)
             if self.stopping or not restart:
                 return
-            if time.monotonic() - started >= BACKOFF_RESET:
-                delay = BACKOFF_FIRST  # it ran well for a while: this failure is a new one
             # Redis being down is retried at least every second, so work resumes within a second
             # of its return; a crash (a bug) backs off up to BACKOFF_MAX
             wait = min(delay, 1.0) if redis_down else delay
@@ -135,6 +135,11 @@ class Supervisor:
             if self.stopping:
                 return
             delay = min(delay * 2, BACKOFF_MAX)
+
+    @staticmethod
+    def _fresh(delay: float, started: float) -> float:
+        """The back-off starts over when the task ran BACKOFF_RESET before failing (a new failure)."""
+        return BACKOFF_FIRST if time.monotonic() - started >= BACKOFF_RESET else delay
 
     def cancel(self, name: str) -> None:
         task = self.tasks.pop(name, None)

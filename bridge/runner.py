@@ -60,6 +60,14 @@ DONE_TTL = 7 * 86_400
 ACK_LINGER = 0.0
 
 
+#: seconds a stop past shutdown_timeout still waits for the sends on the wire (the daemon's
+#: supervisor cancels what is left 5 s after shutdown_timeout)
+SEND_GRACE = 4.0
+
+#: background writes of a finished runner's last acks (a reference keeps each task alive)
+_LATER: set[asyncio.Task[None]] = set()
+
+
 class AckBatch:
     """Acks waiting to be written together: their done markers and XACKs in one ``sync.lua`` call.
 
@@ -126,6 +134,25 @@ class AckBatch:
     async def flush(self) -> None:
         if self._pending:
             await self.sync()
+
+    def flush_later(self, every: float = 0.1, give_up: float = 3600.0) -> None:
+        """Keep trying :meth:`flush` in the background (the runner is gone; Redis is down)."""
+        if not self._pending:
+            return
+
+        async def retry() -> None:
+            end = time.monotonic() + give_up
+            while self._pending and time.monotonic() < end:
+                try:
+                    await self.flush()
+                except UNAVAILABLE:
+                    await asyncio.sleep(every)
+            if self._pending:
+                self.log.error("runner.acks_abandoned", count=len(self._pending))
+
+        task = asyncio.create_task(retry(), name=f"acks-later:{self.stream}")
+        _LATER.add(task)
+        task.add_done_callback(_LATER.discard)
 
     async def run(self) -> None:
         """Write acks shortly after they come, until cancelled."""
@@ -264,6 +291,12 @@ class Runner:
         self._stopping = asyncio.Event()
         #: stopping because the lease ended: no drain, sends in flight are cancelled
         self._aborting = False
+        #: a stop ran past shutdown_timeout: no new send starts; the ones on the wire finish
+        self._draining = False
+        #: sends on the wire now (inside the sink's send)
+        self._sending = 0
+        self._sends_idle = asyncio.Event()
+        self._sends_idle.set()
         #: read-ahead: at most this many deliveries taken and not finished; read again below half
         self._limit = max(self.concurrency * 4, 64)
         self._queues: dict[str, deque[_Job]] = {}
@@ -298,12 +331,13 @@ class Runner:
         """Stop at once (the partition's lease ended): cancel the sends in flight, ack nothing more
         of what is unfinished; it stays pending for the next holder."""
         self._aborting = True
+        self._sends_idle.set()
         self.stop()
 
     def _may_send(self) -> bool:
         if self.lease is not None and not self.lease.held:
             self.abort()
-        return not self._aborting
+        return not (self._aborting or self._draining)
 
     async def run(self) -> None:
         """Poll until stopped, then finish what is in flight (within ``shutdown_timeout``)."""
@@ -410,6 +444,12 @@ class Runner:
         if self._inflight and not self._aborting:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.shutdown_timeout)
+            # past the bound: start no new send (retries sleeping are dropped, unsent), but let
+            # the sends on the wire finish, within SEND_GRACE: cancelling one the receiver already
+            # took would have it sent again
+            self._draining = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sends_idle.wait(), SEND_GRACE)
         if self._inflight:
             self.log.warning("runner.shutdown_unfinished", count=len(self._inflight), aborted=self._aborting)
         for t in self._workers:
@@ -424,8 +464,12 @@ class Runner:
         if self._ack_task is not None:
             self._ack_task.cancel()
             await asyncio.gather(self._ack_task, return_exceptions=True)
-        with contextlib.suppress(*UNAVAILABLE):  # unwritten acks: sent again (deduped by marker)
+        try:
             await self.acks.flush()
+        except UNAVAILABLE:
+            # done markers of sends that happened stay true whoever holds the lease now: keep
+            # writing them until Redis is back, so the next holder does not send them again
+            self.acks.flush_later()
 
     # -- claim: a batch at once --------------------------------------------------------------------
 
@@ -566,7 +610,14 @@ class Runner:
                 raise asyncio.CancelledError
             attempt += 1
             try:
-                remote_id = await self.sink.send(d, SendContext(d, self, budget=self.cfg.claim_idle / 2))
+                self._sending += 1
+                self._sends_idle.clear()
+                try:
+                    remote_id = await self.sink.send(d, SendContext(d, self, budget=self.cfg.claim_idle / 2))
+                finally:
+                    self._sending -= 1
+                    if not self._sending:
+                        self._sends_idle.set()
             except PermanentError as e:
                 await self._dead(eid, d, f"permanent: {e}", attempt, self._log(job))
                 return
