@@ -110,13 +110,19 @@ class Members:
                 await self.redis.zrem(self.key, self.instance)
 
 
+#: seconds a worker told to stop may take before it is aborted, then cancelled (its runner's drain
+#: is bounded by shutdown_timeout and SEND_GRACE; this bounds the rest, whatever hangs)
+LEAVE_LIMIT = 30.0
+
+
 @dataclass
 class _Held:
     lease: Lease
     worker: Worker
     task: asyncio.Task[None]
     watch: asyncio.Task[None]
-    leaving: bool = False
+    #: monotonic time it was told to stop (None: it runs)
+    leaving: float | None = None
 
 
 class Partitions:
@@ -168,11 +174,13 @@ class Partitions:
         for n, h in list(self.held.items()):
             await self._renew(n, h)
         target = math.ceil(self.count / max(self.members.live, 1))
-        active = [n for n, h in self.held.items() if not h.leaving]
+        active = [n for n, h in self.held.items() if h.leaving is None]
+        for n, h in self.held.items():
+            self._bound_leave(n, h)
         while len(active) > target:
             n = active.pop()
             self.log.info("partitions.giving_up", partition=n, target=target)
-            self.held[n].leaving = True
+            self.held[n].leaving = time.monotonic()
             self.held[n].worker.stop()
         for n in self._order:
             if len(active) >= target:
@@ -199,6 +207,18 @@ class Partitions:
                 return
             await asyncio.sleep(left)
 
+    def _bound_leave(self, n: int, h: _Held) -> None:
+        """A worker still stopping LEAVE_LIMIT after it was told: abort it; twice that: cancel it."""
+        if h.leaving is None or h.task.done():
+            return
+        late = time.monotonic() - h.leaving
+        if late > 2 * LEAVE_LIMIT:
+            self.log.error("partitions.stop_cancelled", partition=n)
+            h.task.cancel()
+        elif late > LEAVE_LIMIT:
+            self.log.warning("partitions.stop_overdue", partition=n)
+            h.worker.abort()
+
     async def _renew(self, n: int, h: _Held) -> None:
         if h.lease.valid_for > self.ttl * 0.9 - self.ttl / 3:
             return  # renewed less than ttl/3 ago
@@ -217,7 +237,7 @@ class Partitions:
         exc = h.task.exception() if not h.task.cancelled() else None
         if exc is not None and not isinstance(exc, UNAVAILABLE):
             self.log.error("partitions.worker_crashed", partition=n, error=repr(exc))
-        if h.leaving or not h.lease.held:
+        if h.leaving is not None or not h.lease.held:
             await self._close(n, h, release=True)
             return
         if self.on_done is not None:
@@ -243,12 +263,13 @@ class Partitions:
     async def _leave_all(self) -> None:
         """Stop every worker gracefully (renewing meanwhile), then release the leases."""
         for h in self.held.values():
-            h.leaving = True
+            h.leaving = time.monotonic()
             h.worker.stop()
         while running := [h.task for h in self.held.values() if not h.task.done()]:
             await asyncio.wait(running, timeout=self.ttl / 3)
             for n, h in list(self.held.items()):
                 if not h.task.done():
+                    self._bound_leave(n, h)
                     await self._renew(n, h)
         for n, h in list(self.held.items()):
             await self._close(n, h, release=True)

@@ -465,11 +465,12 @@ class Runner:
             self._ack_task.cancel()
             await asyncio.gather(self._ack_task, return_exceptions=True)
         try:
-            await self.acks.flush()
-        except UNAVAILABLE:
+            await asyncio.wait_for(self.acks.flush(), 5.0)
+        except (*UNAVAILABLE, TimeoutError):
             # done markers of sends that happened stay true whoever holds the lease now: keep
             # writing them until Redis is back, so the next holder does not send them again
             self.acks.flush_later()
+        self.log.info("runner.stopped", stream=self.stream, aborted=self._aborting)
 
     # -- claim: a batch at once --------------------------------------------------------------------
 
