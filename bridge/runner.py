@@ -36,7 +36,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,9 +60,22 @@ DONE_TTL = 7 * 86_400
 ACK_LINGER = 0.0
 
 
+#: delivery ids a runner remembers having sent (see Runner._recent)
+RECENT = 4096
+
 #: seconds a stop past shutdown_timeout still waits for the sends on the wire (the daemon's
 #: supervisor cancels what is left 5 s after shutdown_timeout)
 SEND_GRACE = 4.0
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError when this task was asked to stop: a redis-py call that was cancelled in
+    mid-command may return normally (or raise a connection error) instead, and a loop that goes
+    on would never end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
 
 #: background writes of a finished runner's last acks (a reference keeps each task alive)
 _LATER: set[asyncio.Task[None]] = set()
@@ -161,12 +174,15 @@ class AckBatch:
             if self.linger > 0:  # more acks come meanwhile, or a read carries them all
                 await asyncio.sleep(self.linger)
             self._wake.clear()
+            _raise_if_cancelled()
             try:
                 await self.flush()
             except UNAVAILABLE as e:
+                _raise_if_cancelled()
                 self.log.warning("runner.ack_failed", error=str(e))
                 await asyncio.sleep(1.0)
                 self._wake.set()
+            _raise_if_cancelled()
 
 
 class ReadClaim:
@@ -315,6 +331,9 @@ class Runner:
         self._burst = False
         self.sent = 0
         self.dead = 0
+        #: delivery ids this runner sent lately → remote id (a duplicate entry right behind its
+        #: original finds it here: the original's done marker may still be on its way to Redis)
+        self._recent: OrderedDict[str, str] = OrderedDict()
 
     @staticmethod
     def sink_rates(sink: Sink, cfg: OutboundConfig) -> list[Rate]:
@@ -527,6 +546,7 @@ class Runner:
             conv = await self._ready.get()
             q = self._queues[conv]
             job = q[0]
+            _raise_if_cancelled()
             if not self._may_send():  # the lease ended: leave the rest pending, in order
                 return
             try:
@@ -580,6 +600,12 @@ class Runner:
         eid, d = job.eid, job.d
         attempt = 0
         marker = self.keys.mark(self.cfg.name, d.id)
+        sent = self._recent.get(d.id)
+        if sent is not None:  # the same delivery twice in the stream (routed again), just sent:
+            # its done marker may not be in Redis yet, so the claim would not say so
+            self._log(job).info("delivery.duplicate_skipped", remote_id=sent)
+            self.acks.add(Ack(eid, marker, f"done:{sent}"))
+            return
         limits = self.limits(d)
         # claimed with its batch, nothing to charge, and the claim is fresh: send without asking again
         fresh = (
@@ -607,6 +633,7 @@ class Runner:
             if claim.status is ClaimStatus.WAIT:
                 await asyncio.sleep(claim.wait)
                 continue
+            _raise_if_cancelled()
             if not self._may_send():  # the lease ended while we waited: the next holder sends it
                 raise asyncio.CancelledError
             attempt += 1
@@ -634,6 +661,9 @@ class Runner:
             else:
                 self.sent += 1
                 self.acks.add(Ack(eid, marker, f"done:{remote_id}"))
+                self._recent[d.id] = remote_id
+                if len(self._recent) > RECENT:
+                    self._recent.popitem(last=False)
                 return
             log = self._log(job)
             if attempt >= self.cfg.max_attempts:

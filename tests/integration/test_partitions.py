@@ -156,3 +156,52 @@ async def test_the_supervisor_retries_redis_within_a_second_and_resets_its_back_
         ("task.redis_unavailable", 0.25),  # reset: the 4th run lasted past BACKOFF_RESET
         ("task.redis_unavailable", 0.5),
     ]
+
+
+async def test_a_sinks_rate_holds_over_two_instances_together(write_config: Any, start_daemon: Any) -> None:
+    """Two instances, each sending its own partitions: their sends together never exceed the rate."""
+    route = ROUTE.replace('type = "collect"\n', 'type = "collect"\nrate = "10/second"\n', 1)
+
+    def cfg(name: str) -> Any:
+        c = write_config(route, name=f"{name}.toml")
+        c.bridge.instance = name
+        c.bridge.lease_ttl = 1.5
+        return c
+
+    a = await start_daemon(cfg("a"))
+    b = await start_daemon(cfg("b"))
+    pa, pb = a.runners["c"].partitions, b.runners["c"].partitions
+    await wait_for(lambda: len(pa.owned) == 2 and len(pb.owned) == 2, timeout=15)
+    for i in range(30):
+        await a.bus.publish(make_envelope("in", Conversation(f"g{i % 10}"), f"m{i}"))
+    sa, sb = a.sinks["c"], b.sinks["c"]
+    await wait_for(lambda: len(sa.sent) + len(sb.sent) == 30, timeout=20)
+    assert sa.sent and sb.sent
+    times = sorted(sa.attempts + sb.attempts)  # one event loop: one clock for both
+    worst = max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
+    assert worst <= 10 + 1, f"{worst} sends in one second over two instances (rate 10/second, burst 1)"
+
+
+async def test_the_same_delivery_twice_back_to_back_is_sent_once(
+    write_config: Any, start_daemon: Any, redis: Any, prefix: str
+) -> None:
+    """A delivery routed again (a router take-over) lands right behind its original in the same
+    partition: read in one batch, the second must not go out before the first's done marker is in
+    Redis (the fault run found this: the last message of a conversation sent twice)."""
+    from bridge.envelope import Delivery, encode
+
+    env = make_envelope("in", Conversation("g1"), "once")
+    x = Delivery(f"d-twice-{env.id}", "c", env, "g1")
+    stream = Keys(prefix).partition("c", partition_of("g1", 4))
+    for _ in range(2):  # both there before the runner's first read: one batch
+        await redis.xadd(stream, {Field.DELIVERY: encode(x), Field.DELIVERY_ID: x.id})
+    d = await start_daemon(_second(write_config, "a"))
+    sink = d.sinks["c"]
+    await wait_for(lambda: len(sink.sent) == 1)
+    await wait_for(lambda: _none_pending(d))
+    await asyncio.sleep(0.3)
+    assert [s.id for s in sink.sent] == [x.id]
+
+
+async def _none_pending(d: Any) -> bool:
+    return await d.bus.out_pending("c") == 0
