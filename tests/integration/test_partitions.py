@@ -204,4 +204,4 @@ async def test_the_same_delivery_twice_back_to_back_is_sent_once(
 
 
 async def _none_pending(d: Any) -> bool:
-    return await d.bus.out_pending("c") == 0
+    return bool(await d.bus.out_pending("c") == 0)

@@ -78,7 +78,7 @@ async def test_permanent_error_lands_in_dead_with_the_reason(write_config: Any, 
 
 
 async def _drained(d: Any) -> bool:
-    return await d.bus.out_pending("c") == 0
+    return bool(await d.bus.out_pending("c") == 0)
 
 
 async def test_exhausted_retries_land_in_dead(write_config: Any, start_daemon: Any) -> None:

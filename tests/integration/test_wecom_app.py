@@ -110,7 +110,7 @@ async def dead_letters(d: Any) -> list[dict[bytes, bytes]]:
 
 
 async def drained(d: Any) -> bool:
-    return await d.bus.out_pending("app") == 0
+    return bool(await d.bus.out_pending("app") == 0)
 
 
 async def create_chat(fake: Any, chatid: str = "wrOps", users: tuple[str, ...] = ("alice", "bob")) -> str:
