@@ -202,6 +202,8 @@ async def test_a_long_answer_comes_home_whole_in_numbered_parts(make_loop: Any) 
     loop: Loop = await make_loop()
     group = await loop.group()
     assert await loop.simulate("bot", "tell me everything LONG6000", "--chat", group, "--from", "dave") == 0
+    # "drained" is also true before the first entry is read: wait for the answer's first part first
+    await wait_for(lambda: loop.fake.delivered_to(group), timeout=60)
     await wait_for(loop.drained, timeout=60)
     await wait_for(lambda: loop.drained("wecom"), timeout=30)
     parts = loop.fake.delivered_to(group)
