@@ -13,6 +13,8 @@ The tree::
         ├── RetryableError     worth another try later (5xx, 429, a dropped connection); may
         │                      carry the platform's ``retry_after``
         └── PermanentError     retrying cannot help (4xx, a rejected token): dead-lettered now
+            └── EgressRefused  a URL from a payload that bridge/egress.py refuses (not an
+                               allowed host, or an internal address)
 
 Adapters define their own exceptions next to the code that raises them; the ones a sink lets
 escape to the runner derive from :class:`RetryableError` or :class:`PermanentError`, because the
@@ -49,3 +51,7 @@ class RetryableError(SendError):
 
 class PermanentError(SendError):
     """A send that cannot work as it is: the delivery goes to the dead letters with this reason."""
+
+
+class EgressRefused(PermanentError):
+    """A URL the allow-list or the address check of bridge/egress.py refuses."""
