@@ -41,7 +41,14 @@ def _redis(cfg: Config) -> Any:
 
 
 def _bus(cfg: Config, r: Any) -> Bus:
-    return Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
+    bus = Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
+    bus.partitions = {o.name: o.partitions for o in cfg.outbound}
+    return bus
+
+
+def _entry_order(entry: tuple[Any, Any]) -> tuple[int, int]:
+    ms, _, seq = entry[0].decode().partition("-")
+    return int(ms), int(seq or 0)
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
@@ -84,9 +91,12 @@ def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
 async def _tail(cfg: Config, stream: str, count: int) -> int:
     r = _redis(cfg)
     try:
-        key = Keys(cfg.redis.prefix).stream(stream)
-        entries = await r.xrevrange(key, count=count)
-        for eid, fields in reversed(entries):
+        keys = [Keys(cfg.redis.prefix).stream(stream)]
+        if stream.startswith("out:"):  # every partition of the sink, merged by entry id
+            keys = _bus(cfg, r).out_streams(stream[4:])
+        entries = [e for key in keys for e in await r.xrevrange(key, count=count)]
+        entries = sorted(entries, key=_entry_order)[-count:]
+        for eid, fields in entries:
             row: dict[str, Any] = {"id": eid.decode()}
             for k, v in fields.items():
                 name = k.decode()
@@ -133,7 +143,8 @@ def cmd_inject(args: argparse.Namespace, cfg: Config) -> int:
 async def _status(cfg: Config, as_json: bool, scan: bool) -> int:
     r = _redis(cfg)
     try:
-        snap = await snapshot(r, Keys(cfg.redis.prefix), [o.name for o in cfg.outbound], scan=scan)
+        partitions = {o.name: o.partitions for o in cfg.outbound}
+        snap = await snapshot(r, Keys(cfg.redis.prefix), list(partitions), partitions=partitions, scan=scan)
     finally:
         await r.aclose()
     print(json.dumps(snap.to_json(), indent=2) if as_json else table(snap))
@@ -147,7 +158,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 async def _dead(cfg: Config, args: argparse.Namespace) -> int:
     r = _redis(cfg)
-    dead = DeadLetters(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen)
+    bus = _bus(cfg, r)
+    dead = DeadLetters(r, bus.keys, maxlen=cfg.redis.stream_maxlen, stream_of=bus.stream_of)
     try:
         if args.action == "list":
             for dl in await dead.oldest(args.count):

@@ -3,21 +3,20 @@
 A dead letter is an entry of ``P:{dead}`` (fields: :class:`bridge.bus.Field`): the delivery as it
 was, why it was given up, where from, after how many attempts, by which instance, when.
 
-**Replay** puts deliveries back on their sink's stream through the same idempotency marker
-(``lua/replay.lua``, one call per sink): a marker saying ``done:dead`` is cleared and the delivery
-appended; one saying the delivery was sent is left alone and the delivery skipped (never sent twice);
-one still held by a runner (the letter was written a moment ago, its ``done:dead`` not yet) is left
-in the dead stream to replay shortly; two letters of one delivery in one replay append it once. Letters go
-back in dead-letter order whatever order their ids were given in — the order their conversation
-had — and only then leave the dead stream (a crash in between leaves them there to replay again,
-harmlessly). Letters that are not deliveries (an undecodable inbound entry) or whose sink is no
-longer configured are skipped with the reason.
-"""
+**Replay** puts deliveries back on their sink's stream — the partition of their conversation —
+through the same idempotency marker (``lua/replay.lua``, one call per stream): a marker saying
+``done:dead`` is cleared and the delivery appended; one saying the delivery was sent is left alone
+and the delivery skipped (never sent twice); one still held by a runner (the letter was written a
+moment ago, its ``done:dead`` not yet) is left in the dead stream to replay shortly; two letters of
+one delivery in one replay append it once. Letters go back in dead-letter order whatever order their
+ids were given in — the order their conversation had — and only then leave the dead stream (a crash
+in between leaves them there to replay again, harmlessly). Letters that are not deliveries (an
+undecodable inbound entry) or whose sink is no longer configured are skipped with the reason."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,10 +86,15 @@ def parse(eid: Any, fields: dict[bytes, bytes]) -> DeadLetter:
 
 
 class DeadLetters:
-    def __init__(self, redis: Any, keys: Keys, *, maxlen: int = 1_000_000) -> None:
+    def __init__(
+        self, redis: Any, keys: Keys, *, maxlen: int = 1_000_000,
+        stream_of: Callable[[Delivery], str] | None = None,
+    ) -> None:  # fmt: skip
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen
+        #: the stream a delivery goes back to: its conversation's partition (``Bus.stream_of``)
+        self.stream_of = stream_of or (lambda d: keys.out(d.sink))
         self._replay = redis.register_script(source("replay"))
 
     async def oldest(self, count: int | None = None) -> list[DeadLetter]:
@@ -118,7 +122,7 @@ class DeadLetters:
     async def replay(self, letters: Sequence[DeadLetter], sinks: Collection[str]) -> Replayed:
         """Letters back onto their sinks' streams (see the module's docstring), then out of ``dead``."""
         res = Replayed()
-        by_sink: dict[str, list[DeadLetter]] = {}
+        by_stream: dict[tuple[str, str], list[DeadLetter]] = {}
         first: dict[str, str] = {}  # delivery id → the letter that replays it
         for dl in letters:
             if dl.delivery is not None and dl.delivery.id in first:
@@ -131,9 +135,9 @@ class DeadLetters:
                 res.skipped[dl.id] = f"no outbound named {dl.delivery.sink!r} in the config"
             else:
                 first[dl.delivery.id] = dl.id
-                by_sink.setdefault(dl.delivery.sink, []).append(dl)
-        for sink, group in by_sink.items():
-            keys = [self.keys.out(sink)]
+                by_stream.setdefault((dl.delivery.sink, self.stream_of(dl.delivery)), []).append(dl)
+        for (sink, stream), group in by_stream.items():
+            keys = [stream]
             args: list[Any] = [self.maxlen]
             for dl in group:
                 assert dl.delivery is not None

@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -212,13 +212,24 @@ async def leases(redis: Any, keys: Keys, known: Iterable[str] = (), *, scan: boo
 
 
 async def snapshot(
-    redis: Any, keys: Keys, sinks: Iterable[str], known_leases: Iterable[str] = (), *, scan: bool = False
+    redis: Any,
+    keys: Keys,
+    sinks: Iterable[str],
+    known_leases: Iterable[str] = (),
+    *,
+    scan: bool = False,
+    partitions: Mapping[str, int] | None = None,
 ) -> StatusSnapshot:
     """Streams (inbound, each sink's, dead), their groups, live instances and leases, now. The leases
     are those ``known_leases`` and the live instances' heartbeats name (every other one too with
     ``scan``)."""
     plan: list[tuple[str, str, str | None]] = [("inbound", keys.inbound, ROUTER_GROUP)]
-    plan += [(f"out:{s}", keys.out(s), RUNNER_GROUP) for s in sinks]
+    parts = partitions or {}
+    plan += [
+        (f"out:{s}" + (f":p{n}" if n else ""), keys.partition(s, n), RUNNER_GROUP)
+        for s in sinks
+        for n in range(max(parts.get(s, 1), 1))
+    ]
     plan.append(("dead", keys.dead, None))
     streams = [await _stream(redis, name, key, group) for name, key, group in plan]
     dead = next(s.length for s in streams if s.name == "dead")

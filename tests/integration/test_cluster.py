@@ -92,11 +92,14 @@ async def _run_the_bus(d: Daemon, prefix: str) -> None:
     lease = Lease(d.redis, keys, "partition-3", "t1:x", ttl=2)
     assert await lease.acquire() and await lease.renew()
     assert await lease.guarded_set(keys.lease("partition-3") + ":state", "v")
-    snap = await snapshot(d.redis, keys, ["a", "b"], scan=True)  # a SCAN of every master
-    assert {le.name: le.owner for le in snap.leases} == {"partition-3": "t1:x"}
+    partitions = {o.name: o.partitions for o in d.config.outbound}
+    snap = await snapshot(d.redis, keys, ["a", "b"], scan=True, partitions=partitions)  # SCANs every master
+    owners = {le.name: le.owner for le in snap.leases}
+    assert owners["partition-3"] == "t1:x" and owners["router"]  # and the daemon's own leases
     assert [i.name for i in snap.instances] == ["t1"]
     streams = {s.name: s for s in snap.streams}
-    assert streams["out:a"].length == 30 and streams["dead"].length == 0
+    assert sum(s.length for name, s in streams.items() if name.split(":p")[0] == "out:a") == 30
+    assert streams["dead"].length == 0
     assert await lease.release()
     text = (await d.exposition()).decode()
     assert "wechat_bridge_redis_up 1.0" in text
@@ -156,14 +159,16 @@ def test_every_script_is_given_keys_of_one_slot() -> None:
         "publish_many": [k.inbound, k.seen("wecom", "m1"), k.seen("hook", "m2")],
         "add_deliveries": [k.out("a")],
         "claim_read": [k.out("a"), k.mark("a", "d1")],  # the stream, and a marker from its prefix
-        "sync": [k.out("a"), k.mark("a", "d1"), k.mark("a", "d2")],
+        "sync": [k.partition("a", 1), k.mark("a", "d1"), k.mark("a", "d2")],
         "claim_send": [k.mark("a", "d1"), k.rate("a", 0), k.rate("a", 1, "user-1")],
         "gcra_acquire": [k.rate("a", 0), k.rate("a", 0, "user-1")],
         "lease_acquire": [lease, f"{lease}:fence"],
         "lease_renew": [lease],
         "lease_release": [lease],
         "lease_guarded_set": [lease, f"{lease}:state"],  # a guarded key carries its lease's tag
-        "replay": [k.out("a"), k.mark("a", "d1")],
+        "replay": [k.partition("a", 2), k.mark("a", "d1")],  # a conversation's partition, its marker
+        "take_over": [k.partition("a", 3)],
+        "drop_consumers": [k.inbound],
         "heartbeats (MGET)": [k.instances, k.instance("i1"), k.instance("i2")],
         # adapters/wechat/lua/: the access-token cache (adapters.wechat.tokens: key, key + ":lock")
         "token_store (adapters)": [k.state("wecom", "token"), k.state("wecom", "token") + ":lock"],
@@ -252,6 +257,13 @@ async def test_a_failover_loses_nothing_wait_confirmed(tmp_path: Path, prefix: s
                         make_envelope("in", Conversation("c0"), f"late{i}"), dedupe_key=f"late{i}"
                     )
             await stall  # a replica that answers again: Sentinel only promotes a healthy one
+
+            async def healthy() -> bool:
+                link = await asyncio.to_thread(redis_cluster.cli, replica, "info", "replication")
+                seen = await asyncio.to_thread(redis_cluster.cli, sent, "sentinel", "replicas", "main")
+                return "master_link_status:up" in link and "s_down" not in seen and "disconnected" not in seen
+
+            await wait_for(healthy, timeout=30, every=0.2)
             info = await asyncio.to_thread(redis_cluster.cli, master, "info", "server")
             pid = int(re.findall(r"process_id:(\d+)", info)[0])
             os.kill(pid, signal.SIGKILL)
