@@ -145,11 +145,17 @@ class HeldConnection:
     async def wait_lost(self) -> None:
         await self.lease.wait_lost()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Keep the lease whenever possible and, while held, serve relayed requests; until ``stop``."""
+    async def run(self, stop: asyncio.Event, *, drained: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Keep the lease whenever possible and, while held, serve relayed requests; until ``stop``.
+
+        At stop, requests being served finish first (bounded by the lease's ttl), then ``drained``
+        runs (the holder closes its connection there), then the lease is released — in that order,
+        so the next holder never connects while this one is still sending."""
+        lease_stop = asyncio.Event()
+        keeper = asyncio.create_task(self.lease.run(lease_stop, retry=self.retry))
         serve = asyncio.create_task(self._serve(stop))
         try:
-            await self.lease.run(stop, retry=self.retry)
+            await stop.wait()
         finally:
             serve.cancel()
             await asyncio.gather(serve, return_exceptions=True)
@@ -158,6 +164,13 @@ class HeldConnection:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if drained is not None:
+                try:
+                    await drained()
+                except Exception:
+                    self.log.exception("held.drained_failed")
+            lease_stop.set()
+            await asyncio.gather(keeper, return_exceptions=True)
 
     async def call(
         self, op: str, payload: dict[str, Any], *, request_id: str, timeout: float

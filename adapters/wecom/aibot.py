@@ -111,8 +111,12 @@ def _content(item: dict[str, Any], nested: bool = False) -> tuple[str, list[Atta
         return field(body, "content"), []
     if t in ("image", "file"):
         url = field(body, "url") or None
-        # the file behind the URL is AES-encrypted with the callback's key (doc 100719); 5 min valid
-        return "", [Attachment("image" if t == "image" else "file", url=url, extra={"encrypted": True})]
+        # the file behind the URL is AES-encrypted (doc 100719), with the callback's key in HTTP mode
+        # and with the per-URL aeskey in WebSocket mode; 5 min valid
+        extra: dict[str, Any] = {"encrypted": True}
+        if field(body, "aeskey"):
+            extra["aeskey"] = field(body, "aeskey")
+        return "", [Attachment("image" if t == "image" else "file", url=url, extra=extra)]
     if t == "mixed" and not nested:  # a mixed item is never itself mixed
         texts: list[str] = []
         atts: list[Attachment] = []
@@ -156,6 +160,12 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     kind = "event" if msg_type == "event" else "message"
     event = field(_obj(msg, "event"), "eventtype") if kind == "event" else None
     text, attachments = ("", []) if kind == "event" else _content(msg)
+    if event == "template_card_event":  # a card button click: routes match its key as the text
+        card = _obj(_obj(msg, "event"), "template_card_event")
+        for k in ("event_key", "task_id", "card_type"):
+            if field(card, k):
+                meta[k] = field(card, k)
+        text = field(card, "event_key")
     quote = _obj(msg, "quote")
     if quote:
         meta["quote_msg_type"] = field(quote, "msgtype")

@@ -1,0 +1,125 @@
+"""``wecom_aibot_ws`` (outbound): answers and proactive messages on a WeCom AI bot's long connection.
+
+Deliveries are read by whichever instance's runner gets them, but only one instance holds the bot's
+socket: every send is a request to :class:`bridge.held.HeldConnection` of the inbound named by
+``inbound`` — run here when this instance holds the socket, else relayed through Redis to the holder.
+The request id is ``<delivery id>:<part>``, so a retried delivery never sends a part twice (the
+holder records each part's result; a retry gets the record).
+
+* A **reply** to a message of that inbound (its ``reply_via``) finishes the message's stream — the
+  holder has shown the placeholder and the draft so far — with the whole answer; an answer over
+  20480 UTF-8 bytes continues in further finished streams, cut only where ``bridge.text`` cuts,
+  never dropped. When the message's ``req_id`` died with an older socket or its stream expired, the
+  answer goes as a proactive markdown message (``aibot_send_msg``) to the same chat.
+* A reply to an ``enter_chat`` event is the welcome (within the window, else a message); a reply
+  carrying a card to a ``template_card_event`` updates the card.
+* **Anything else** (alerts, feeds: a route with ``to = "<this outbound>"`` and a conversation) is a
+  proactive message to the delivery's conversation: a user id or a group chat id.
+
+A ``template_card`` in ``meta`` (the card as JSON, e.g. set by a route or posted to the ``webhook``
+inbound) is sent as a card instead of markdown.
+
+Rate: WeCom publishes no limit for the long connection; an unconfirmed memo says 30 messages a minute
+and 1000 an hour per bot, replies included. The default ``rate`` is therefore a conservative
+``20/minute`` (set ``rate`` in the config to change it).
+
+Config::
+
+    [[outbound]]
+    name = "aibot_ws_out"
+    type = "wecom_aibot_ws"
+    inbound = "aibot_ws"      # the wecom_aibot_ws inbound whose socket sends
+    # timeout = 30            # seconds to wait for the holder's answer before retrying
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from adapters.wecom.aibot import CONTENT_MAX_BYTES
+from adapters.wecom.aibot_ws import WeComAIBotWSSource, live_source
+from bridge.adapter import PermanentError, SendContext, Sink
+from bridge.config import ConfigError
+from bridge.envelope import Delivery
+from bridge.text import split_text
+
+
+class WeComAIBotWSSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    inbound: str
+    timeout: float = 30.0
+
+    def check(self) -> None:
+        if not self.inbound:
+            raise ValueError("inbound: name the wecom_aibot_ws inbound whose socket sends")
+        if not 0 < self.timeout <= 600:
+            raise ValueError("timeout: must be between 0 and 600 seconds")
+
+
+class WeComAIBotWSSink(Sink):
+    Options = WeComAIBotWSSinkOptions
+    options: WeComAIBotWSSinkOptions
+    default_rate = "20/minute"
+
+    async def start(self) -> None:
+        if self._source() is None:
+            raise ConfigError(
+                f"{self.ctx.config.path}: outbound.{self.name}.inbound: no inbound named "
+                f"{self.options.inbound!r} of type wecom_aibot_ws"
+            )
+
+    def _source(self) -> WeComAIBotWSSource | None:
+        return live_source(self.ctx, self.options.inbound)
+
+    async def send(self, delivery: Delivery, ctx: SendContext) -> str:
+        src = self._source()
+        if src is None:
+            raise PermanentError(f"the inbound {self.options.inbound!r} is gone")
+        env = delivery.envelope
+        card = _card(env.meta.get("template_card"))
+        parts = (
+            split_text(env.text, CONTENT_MAX_BYTES, number_parts=False, markdown=True) if env.text else [""]
+        )
+        if card is not None:
+            parts = parts[:1] if env.text else [""]  # a card goes once, with the first part
+        is_reply = (
+            env.kind == "reply" and env.origin is not None and env.origin.source == self.options.inbound
+        )
+        if is_reply:
+            assert env.origin is not None
+            op = "reply"
+            base: dict[str, Any] = {"origin": env.origin.envelope_id}
+        else:
+            chat = delivery.conversation or env.conversation.id
+            if not chat:
+                raise PermanentError(
+                    "no chat to send to: give the route target a conversation (user or chat id)"
+                )
+            op = "send"
+            base = {"chat": chat}
+        remote = ""
+        for i in range(await ctx.parts_sent(), len(parts)):
+            payload = {**base, "text": parts[i], "part": i, "parts": len(parts)}
+            if card is not None and i == 0:
+                payload["template_card"] = card
+            got = await src.held.call(
+                op, payload, request_id=f"{delivery.id}:{i}", timeout=self.options.timeout
+            )
+            remote = str(got.get("id", ""))
+            self.log.info("wecom_aibot_ws.sent", delivery=delivery.id, op=op, part=i, via=got.get("via"))
+            await ctx.part_sent(i + 1)
+        return remote or f"aibot_ws:{delivery.id}"
+
+
+def _card(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        card = json.loads(raw)
+    except ValueError:
+        raise PermanentError("meta.template_card is not JSON") from None
+    if not isinstance(card, dict) or not isinstance(card.get("card_type"), str):
+        raise PermanentError("meta.template_card must be a JSON object with a card_type")
+    return card
