@@ -479,12 +479,15 @@ class WeComAIBotWSSource(Source):
         opts = self.options
         self.status = "connecting"
         try:
-            ws = await self.ctx.http().ws_connect(
-                opts.url,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
-                autoping=True,
-                heartbeat=None,
-                max_msg_size=16 * 1024 * 1024,
+            ws = await asyncio.wait_for(
+                self.ctx.http().ws_connect(
+                    opts.url,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
+                    autoping=True,
+                    heartbeat=None,
+                    max_msg_size=16 * 1024 * 1024,
+                ),
+                opts.connect_timeout,
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             self.status = f"cannot connect to {opts.url}: {type(e).__name__}"

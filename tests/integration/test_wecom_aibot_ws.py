@@ -298,6 +298,16 @@ async def test_a_server_that_closes_mid_stream(node: Any, fake: FakeAIBotServer)
     assert len(fake.sent("alice")) == 1
 
 
+async def test_an_expired_stream_falls_back_to_a_proactive_message(node: Any, fake: FakeAIBotServer) -> None:
+    await node()
+    fake.stream_expiry = 0.5  # WeCom answers 846608 after this (6 min in production)
+    req = await fake.push_message("SLOW and late")
+    [answer] = await answered(fake, req)
+    assert answer == "echo: SLOW and late"
+    assert [m["markdown"]["content"] for m in fake.sent("alice")] == ["echo: SLOW and late"]
+    assert any(f.errcode == 846608 for f in fake.frames)
+
+
 # -- several instances ---------------------------------------------------------------------------
 
 
