@@ -497,3 +497,23 @@ async def test_config_errors_name_the_key(
     cfg = write_config(CONFIG.format(secret="", url="ws://x", extra_in="", extra=""))
     with pytest.raises(ConfigError, match=r"inbound\.bot\.secret"):
         agent_registry.validate(cfg)
+
+
+def test_the_example_configs_sections_are_valid(tmp_path: Path) -> None:
+    """config/bridge.example.toml ships both sections commented out: uncommented, they validate."""
+    from bridge.config import load
+
+    text = (ROOT / "config" / "bridge.example.toml").read_text()
+    body = ""
+    for head in ('# [[inbound]]\n# name = "aibot-ws"', '# [[outbound]]\n# name = "aibot-ws-out"'):
+        start = text.index(head)
+        block = text[start : text.index("\n\n", start)]
+        body += "\n".join(line.removeprefix("# ") for line in block.splitlines()) + "\n"
+    (tmp_path / "aibot-ws-secret").write_text("the-secret")
+    cfg_file = tmp_path / "bridge.toml"
+    cfg_file.write_text(body)
+    cfg = load(cfg_file, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    opts = Registry.from_module("adapters").validate(cfg)
+    assert opts["aibot-ws"].secret.reveal() == "the-secret"
+    assert opts["aibot-ws"].url == "wss://openws.work.weixin.qq.com"
+    assert opts["aibot-ws-out"].inbound == "aibot-ws"
