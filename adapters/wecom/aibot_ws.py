@@ -200,7 +200,7 @@ def new_req_id(prefix: str) -> str:
 def parse_frame(data: str) -> dict[str, Any] | None:
     """A JSON text frame (control characters stripped first, as the SDK does), or None."""
     try:
-        frame = json.loads(_CTRL.sub("", data))
+        frame = json.loads(_CTRL.sub("", data), strict=False)  # a raw tab or newline in a string is kept
     except ValueError:
         return None
     return frame if isinstance(frame, dict) else None

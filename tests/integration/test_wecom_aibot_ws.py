@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,41 @@ async def test_bad_secret_is_not_ready_and_says_why(node: Any, fake: FakeAIBotSe
     assert fake.subscriptions() == 0
 
 
+async def test_malformed_frames_change_nothing(
+    node: Any, fake: FakeAIBotServer, redis: Any, prefix: str
+) -> None:
+    d = await node()
+    conn = fake.live()
+    assert conn is not None
+    for junk in (
+        "not json",
+        "[1, 2]",
+        json.dumps({"cmd": "aibot_msg_callback", "headers": {"req_id": "r1"}}),  # no body
+        json.dumps({"cmd": "aibot_msg_callback", "headers": {"req_id": "r2"}, "body": {"msgtype": "text"}}),
+        json.dumps(
+            {"cmd": "aibot_msg_callback", "body": {"msgid": "x", "from": {"userid": "u"}}}
+        ),  # no req_id
+        json.dumps({"headers": {"req_id": "nobody-asked"}, "errcode": 0}),
+    ):
+        await conn.ws.send_str(junk)
+    # a raw control character inside the frame is stripped, as the SDK does
+    body = {"msgid": "ctl-1", "aibotid": "bot1", "chattype": "single", "from": {"userid": "alice"},
+            "msgtype": "text", "text": {"content": "fine after all"}}  # fmt: skip
+    conn.inbound["r-ctl"] = ("message", "", "alice", time.time())
+    frame = json.dumps({"cmd": "aibot_msg_callback", "headers": {"req_id": "r-ctl"}, "body": body})
+    await conn.ws.send_str(frame.replace("fine", "fi\x01ne\x1f"))
+    assert await answered(fake, "r-ctl") == ["echo: fine after all"]
+    assert source(d).socket is not None and fake.subscriptions() == 1
+    assert await redis.xlen(d.bus.keys.inbound) >= 1
+    assert len(AgentSink.answered) == 1
+
+
+def test_parse_frame_strips_control_characters() -> None:
+    assert parse_frame('{"a":"x\x01y\x1f"}') == {"a": "xy"}
+    assert parse_frame('{"a":"tab\tkept"}') == {"a": "tab\tkept"}
+    assert parse_frame("[]") is None and parse_frame("{") is None
+
+
 # -- dead-but-open sockets and late answers ------------------------------------------------------
 
 
@@ -405,19 +441,41 @@ async def test_the_kick_loop_cannot_happen(node: Any, fake: FakeAIBotServer) -> 
 async def test_a_handover_disconnected_event_is_not_a_kick(
     node: Any, fake: FakeAIBotServer, redis: Any
 ) -> None:
-    """A holder that lost its lease (paused, its Redis gone) gets disconnected_event when the next
-    holder subscribes: expected, not a kick."""
+    """A holder whose lease moved on (it was paused) gets disconnected_event when the next holder
+    subscribes: expected, not a kick — the fenced check says the lease is not ours any more."""
     a = await node()
     b = await node()
-    lease = source(a).held.lease
-    await redis.set(lease.key, "someone-else|999", px=500)  # a loses its lease in Redis
-    await wait_for(lambda: source(b).socket is not None, timeout=5)
-    await wait_for(lambda: source(a).socket is None, timeout=5)
-    await asyncio.sleep(0.5)
-    assert await source(b).ready() is None
+    sock = source(a).socket
+    conn = fake.live()
+    assert sock is not None and conn is not None
+    await redis.set(source(a).held.lease.key, "someone-else|999", px=800)  # the lease moved on
+    event = {"cmd": "aibot_event_callback", "headers": {"req_id": "kick-1"},
+             "body": {"msgid": "kick-1", "aibotid": "bot1", "msgtype": "event",
+                      "event": {"eventtype": "disconnected_event"}}}  # fmt: skip
+    await conn.ws.send_str(json.dumps(event))
+    await wait_for(lambda: sock.dead.is_set(), timeout=5)
+    assert sock.why == "disconnected_event"  # it was the event, not the lease check, that closed it
+    await asyncio.sleep(0.3)
     assert await redis.exists(source(a).kicked_key) == 0
+    await wait_for(lambda: len(holders([a, b])) == 1, timeout=5)
+    assert await source(a).ready() is None and await source(b).ready() is None
     req = await fake.push_message("who answers")
     assert await answered(fake, req) == ["echo: who answers"]
+
+
+async def test_a_kick_while_holding_is_recorded_fenced(node: Any, fake: FakeAIBotServer, redis: Any) -> None:
+    a = await node()
+    sock = source(a).socket
+    conn = fake.live()
+    assert sock is not None and conn is not None
+    event = {"cmd": "aibot_event_callback", "headers": {"req_id": "kick-2"},
+             "body": {"msgid": "kick-2", "aibotid": "bot1", "msgtype": "event",
+                      "event": {"eventtype": "disconnected_event"}}}  # fmt: skip
+    await conn.ws.send_str(json.dumps(event))
+    await wait_for(lambda: sock.dead.is_set(), timeout=5)
+    assert sock.why == "disconnected_event"
+    assert await redis.exists(source(a).kicked_key) == 1
+    assert (await source(a).ready() or "").startswith("kicked: ")
 
 
 # -- welcome and cards -----------------------------------------------------------------------------
