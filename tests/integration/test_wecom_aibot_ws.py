@@ -381,8 +381,8 @@ async def test_standby_sends_through_the_holder(node: Any, fake: FakeAIBotServer
 async def test_kill_the_holder_process(
     node: Any, fake: FakeAIBotServer, write_config: Callable[..., Config], tmp_path: Path
 ) -> None:
-    """A holder in its own process, killed with SIGKILL mid-answer: another instance connects within
-    the bound; every message is answered exactly once."""
+    """Three instances, the holder in its own process, killed with SIGKILL mid-answer: exactly one
+    other instance connects, within the bound; every message is answered exactly once."""
     write_config(CONFIG.format(secret="secret-1", url=fake.url, extra_in="", extra=""), name="proc.toml")
     conf = tmp_path / "proc.toml"
     conf.write_text(conf.read_text().replace('instance = "t1"', 'instance = "proc"'))
@@ -393,17 +393,19 @@ async def test_kill_the_holder_process(
     )  # fmt: skip
     try:
         await wait_for(lambda: fake.live() is not None, timeout=30)
-        b = await node(wait=False)  # standing by
+        b = await node(wait=False)  # two in-process instances standing by
+        c = await node(wait=False)
         await asyncio.sleep(0.5)
-        assert fake.subscriptions() == 1 and source(b).socket is None
+        assert fake.subscriptions() == 1 and holders([b, c]) == []
         first = await fake.push_message("before", msgid="k-1", user="u1")
         assert await answered(fake, first, "u1") == ["echo: before"]
         slow = await fake.push_message("SLOW during", msgid="k-2", user="u2")
         await wait_for(lambda: len(fake.stream_frames(slow)) >= 1, timeout=5)  # accepted, placeholder shown
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        await wait_for(lambda: source(b).socket is not None, timeout=TAKEOVER * 5)
-        assert fake.subscriptions() == 2
+        await wait_for(lambda: len(holders([b, c])) == 1, timeout=TAKEOVER * 5)
+        await asyncio.sleep(0.5)
+        assert fake.subscriptions() == 2 and len(holders([b, c])) == 1  # exactly one took over
         after = await fake.push_message("after", msgid="k-3", user="u3")
         assert await answered(fake, after, "u3") == ["echo: after"]
         # the answer the dead holder was writing comes by proactive send, once
