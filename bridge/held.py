@@ -182,7 +182,12 @@ class HeldConnection:
         if not request_id:
             raise ValueError("call: request_id must not be empty")
         if self.lease.held:
-            return _unwrap(await self._execute(request_id, op, payload))
+            try:
+                return _unwrap(await self._execute(request_id, op, payload))
+            except UNAVAILABLE as e:  # the record could not be read or written: try again later
+                raise RetryableError(
+                    f"held connection {self.name}: Redis unavailable ({type(e).__name__})"
+                ) from None
         deadline = time.time() + timeout
         entry = msgspec.json.encode(_Request(request_id, op, payload, self.answer_key(request_id), deadline))
         try:
