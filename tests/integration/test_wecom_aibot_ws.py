@@ -400,7 +400,13 @@ async def test_kill_the_holder_process(
         first = await fake.push_message("before", msgid="k-1", user="u1")
         assert await answered(fake, first, "u1") == ["echo: before"]
         slow = await fake.push_message("SLOW during", msgid="k-2", user="u2")
-        await wait_for(lambda: len(fake.stream_frames(slow)) >= 1, timeout=5)  # accepted, placeholder shown
+        # and a batch in flight from other users, some of them in one group chat
+        batch = [
+            (await fake.push_message(f"SLOW batch {i}", msgid=f"k-b{i}", user=f"v{i}",
+                                     chat="wrTeam" if i % 2 else None), "wrTeam" if i % 2 else f"v{i}")
+            for i in range(6)
+        ]  # fmt: skip
+        await wait_for(lambda: all(fake.stream_frames(r) for r in [slow, *(r for r, _ in batch)]), timeout=5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
         await wait_for(lambda: len(holders([b, c])) == 1, timeout=TAKEOVER * 5)
@@ -414,6 +420,14 @@ async def test_kill_the_holder_process(
         assert fake.answers(first, "u1") == ["echo: before"]
         assert fake.answers(slow, "u2") == ["echo: SLOW during"]
         assert fake.sent("u2") and fake.answers(after, "u3") == ["echo: after"]
+        await wait_for(
+            lambda: len(fake.sent("wrTeam")) >= 3 and all(fake.sent(f"v{i}") for i in (0, 2, 4)), timeout=15
+        )
+        await asyncio.sleep(0.5)
+        team = sorted(m["markdown"]["content"] for m in fake.sent("wrTeam"))
+        assert team == ["echo: SLOW batch 1", "echo: SLOW batch 3", "echo: SLOW batch 5"]  # each once
+        for i in (0, 2, 4):
+            assert fake.answers(batch[i][0], f"v{i}") == [f"echo: SLOW batch {i}"]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
