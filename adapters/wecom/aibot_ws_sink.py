@@ -35,6 +35,7 @@ Config::
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -113,13 +114,36 @@ class WeComAIBotWSSink(Sink):
         return remote or f"aibot_ws:{delivery.id}"
 
 
+CARD_TYPES = ("text_notice", "news_notice", "button_interaction", "vote_interaction", "multiple_interaction")
+_TASK_ID = re.compile(r"[A-Za-z0-9_\-@]{1,128}")
+
+
 def _card(raw: str | None) -> dict[str, Any] | None:
+    """The envelope's ``meta.template_card`` checked against what WeCom requires (DOC-101032), or
+    None; a card WeCom would refuse is refused here, with the reason, before anything is sent."""
     if not raw:
         return None
     try:
         card = json.loads(raw)
     except ValueError:
         raise PermanentError("meta.template_card is not JSON") from None
-    if not isinstance(card, dict) or not isinstance(card.get("card_type"), str):
-        raise PermanentError("meta.template_card must be a JSON object with a card_type")
+    if not isinstance(card, dict) or card.get("card_type") not in CARD_TYPES:
+        raise PermanentError(
+            f"meta.template_card must be a JSON object with card_type one of {', '.join(CARD_TYPES)}"
+        )
+    kind = card["card_type"]
+    task_id = card.get("task_id")
+    if task_id is not None and not (isinstance(task_id, str) and _TASK_ID.fullmatch(task_id)):
+        raise PermanentError("template_card.task_id: 1-128 of A-Z a-z 0-9 _ - @")
+    if kind in ("text_notice", "news_notice") and not isinstance(card.get("card_action"), dict):
+        raise PermanentError(f"template_card: a {kind} card needs card_action")
+    if kind.endswith("_interaction") and task_id is None:
+        raise PermanentError(f"template_card: a {kind} card needs a task_id (its clicks and updates name it)")
+    if kind == "button_interaction":
+        buttons = card.get("button_list")
+        if not isinstance(buttons, list) or not 1 <= len(buttons) <= 6:
+            raise PermanentError("template_card.button_list: 1 to 6 buttons")
+        for b in buttons:
+            if not (isinstance(b, dict) and isinstance(b.get("text"), str) and isinstance(b.get("key"), str)):
+                raise PermanentError("template_card.button_list: every button needs text and key")
     return card

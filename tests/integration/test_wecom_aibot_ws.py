@@ -22,7 +22,7 @@ import pytest
 
 from adapters.wecom.aibot_ws import WeComAIBotWSSource, parse_frame
 from adapters.wecom.aibot_ws_sink import WeComAIBotWSSink
-from bridge.adapter import Registry, SendContext
+from bridge.adapter import PermanentError, Registry, SendContext
 from bridge.config import Config, ConfigError
 from bridge.daemon import Daemon
 from bridge.envelope import Conversation, Delivery, make_envelope, stable_id
@@ -591,3 +591,33 @@ def test_the_example_configs_sections_are_valid(tmp_path: Path) -> None:
     assert opts["aibot-ws"].secret.reveal() == "the-secret"
     assert opts["aibot-ws"].url == "wss://openws.work.weixin.qq.com"
     assert opts["aibot-ws-out"].inbound == "aibot-ws"
+
+
+@pytest.mark.parametrize(
+    ("card", "reason"),
+    [
+        ("{", "not JSON"),
+        ('{"card_type": "poster"}', "card_type one of"),
+        ('{"card_type": "text_notice", "main_title": {"title": "t"}}', "needs card_action"),
+        (
+            '{"card_type": "button_interaction", "button_list": [{"text": "a", "key": "k"}]}',
+            "needs a task_id",
+        ),
+        ('{"card_type": "button_interaction", "task_id": "bad id!", "button_list": []}', "task_id: 1-128"),
+        ('{"card_type": "button_interaction", "task_id": "t1", "button_list": []}', "1 to 6 buttons"),
+        (
+            '{"card_type": "button_interaction", "task_id": "t1", "button_list": [{"text": "a"}]}',
+            "text and key",
+        ),
+    ],
+)
+async def test_a_card_wecom_would_refuse_is_refused_before_sending(
+    node: Any, fake: FakeAIBotServer, card: str, reason: str
+) -> None:
+    d = await node()
+    sink = d.sinks["botout"]
+    env = make_envelope("ops", Conversation("alice", "direct"), "", meta={"template_card": card})
+    delivery = Delivery("dlv-bad-card", "botout", env, "alice")
+    with pytest.raises(PermanentError, match=reason):
+        await sink.send(delivery, SendContext(delivery, d.runners["botout"]))
+    assert fake.replies() == []
