@@ -454,6 +454,30 @@ async def test_the_kick_loop_cannot_happen(node: Any, fake: FakeAIBotServer) -> 
     assert fake.subscriptions() == 2
 
 
+async def test_a_holder_that_loses_redis_closes_its_socket_and_another_takes_over(
+    node: Any, fake: FakeAIBotServer, redis: Any
+) -> None:
+    a = await node()
+    b = await node()
+    first = fake.live()
+
+    async def unreachable(*args: Any, **kw: Any) -> Any:
+        raise ConnectionError("redis unreachable from this instance")
+
+    lease = source(a).held.lease
+    lease._renew = unreachable  # only the holder's lease calls fail: it cannot renew
+    lease._acquire = unreachable
+    await wait_for(
+        lambda: source(a).socket is None, timeout=5
+    )  # stops acting once its lease may have expired
+    await wait_for(lambda: source(b).socket is not None, timeout=TAKEOVER * 5)
+    assert first is not None and first.closed
+    assert fake.subscriptions() == 2
+    req = await fake.push_message("still answered")
+    assert await answered(fake, req) == ["echo: still answered"]
+    assert await redis.exists(source(a).kicked_key) == 0
+
+
 async def test_a_handover_disconnected_event_is_not_a_kick(
     node: Any, fake: FakeAIBotServer, redis: Any
 ) -> None:
