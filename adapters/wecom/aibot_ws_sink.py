@@ -20,8 +20,10 @@ A ``template_card`` in ``meta`` (the card as JSON, e.g. set by a route or posted
 inbound) is sent as a card instead of markdown.
 
 Rate: WeCom publishes no limit for the long connection; an unconfirmed memo says 30 messages a minute
-and 1000 an hour per bot, replies included. The default ``rate`` is therefore a conservative
-``20/minute`` (set ``rate`` in the config to change it).
+and 1000 an hour per bot, replies included. Proactive messages (deliveries that are not replies)
+therefore share a conservative ``proactive_rate`` of ``20/minute, 600/hour`` across all instances,
+leaving room for the replies, which are not held back (a reply waits for nobody: its stream would
+expire). The core's ``rate`` key, if set, limits every delivery.
 
 Config::
 
@@ -30,12 +32,14 @@ Config::
     type = "wecom_aibot_ws"
     inbound = "aibot_ws"      # the wecom_aibot_ws inbound whose socket sends
     # timeout = 30            # seconds to wait for the holder's answer before retrying
+    # proactive_rate = "20/minute, 600/hour"   # shared by all instances; "none" = no limit
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -43,7 +47,7 @@ import msgspec
 from adapters.wecom.aibot import CONTENT_MAX_BYTES
 from adapters.wecom.aibot_ws import WeComAIBotWSSource, live_source
 from bridge.adapter import PermanentError, SendContext, Sink
-from bridge.config import ConfigError
+from bridge.config import ConfigError, Rate, parse_rates
 from bridge.envelope import Delivery
 from bridge.text import split_text
 
@@ -51,18 +55,35 @@ from bridge.text import split_text
 class WeComAIBotWSSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     inbound: str
     timeout: float = 30.0
+    proactive_rate: str = "20/minute, 600/hour"
 
     def check(self) -> None:
         if not self.inbound:
             raise ValueError("inbound: name the wecom_aibot_ws inbound whose socket sends")
         if not 0 < self.timeout <= 600:
             raise ValueError("timeout: must be between 0 and 600 seconds")
+        try:
+            parse_rates(self.proactive_rate)
+        except ValueError as e:
+            raise ValueError(f"proactive_rate: {e}") from None
 
 
 class WeComAIBotWSSink(Sink):
     Options = WeComAIBotWSSinkOptions
     options: WeComAIBotWSSinkOptions
-    default_rate = "20/minute"
+
+    def __init__(self, name: str, options: WeComAIBotWSSinkOptions, ctx: Any) -> None:
+        super().__init__(name, options, ctx)
+        self._proactive_rates = parse_rates(options.proactive_rate)
+
+    def _is_reply(self, delivery: Delivery) -> bool:
+        env = delivery.envelope
+        return env.kind == "reply" and env.origin is not None and env.origin.source == self.options.inbound
+
+    def recipient_limits(self, delivery: Delivery) -> Sequence[tuple[str, Sequence[Rate]]]:
+        if self._is_reply(delivery) or not self._proactive_rates:
+            return ()
+        return [("aibot_send_msg", self._proactive_rates)]
 
     async def start(self) -> None:
         if self._source() is None:
@@ -85,10 +106,7 @@ class WeComAIBotWSSink(Sink):
         )
         if card is not None:
             parts = parts[:1] if env.text else [""]  # a card goes once, with the first part
-        is_reply = (
-            env.kind == "reply" and env.origin is not None and env.origin.source == self.options.inbound
-        )
-        if is_reply:
+        if self._is_reply(delivery):
             assert env.origin is not None
             op = "reply"
             base: dict[str, Any] = {"origin": env.origin.envelope_id}

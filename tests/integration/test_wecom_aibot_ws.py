@@ -25,7 +25,7 @@ from adapters.wecom.aibot_ws_sink import WeComAIBotWSSink
 from bridge.adapter import PermanentError, Registry, SendContext
 from bridge.config import Config, ConfigError
 from bridge.daemon import Daemon
-from bridge.envelope import Conversation, Delivery, make_envelope, stable_id
+from bridge.envelope import Conversation, Delivery, Origin, make_envelope, stable_id
 from tests.conftest import wait_for
 from tests.fakes.wecom_aibot_ws import FakeAIBotServer
 from tests.integration.aibot_ws_node import AgentSink
@@ -645,3 +645,26 @@ async def test_a_card_wecom_would_refuse_is_refused_before_sending(
     with pytest.raises(PermanentError, match=reason):
         await sink.send(delivery, SendContext(delivery, d.runners["botout"]))
     assert fake.replies() == []
+
+
+async def test_only_proactive_messages_are_rate_limited(node: Any, fake: FakeAIBotServer) -> None:
+    d = await node()
+    sink = d.sinks["botout"]
+    assert isinstance(sink, WeComAIBotWSSink)
+    alert = Delivery("d1", "botout", make_envelope("ops", Conversation("alice"), "disk full"), "alice")
+    [(key, rates)] = sink.recipient_limits(alert)
+    assert key == "aibot_send_msg" and [str(r) for r in rates] == ["20/60s", "600/3600s"]
+    req = await fake.push_message("hi")
+    assert await answered(fake, req) == ["echo: hi"]
+    origin = Origin("bot", Conversation("alice"), "e1")
+    reply = make_envelope("agent", Conversation("alice"), "answer", kind="reply", origin=origin)
+    assert sink.recipient_limits(Delivery("d2", "botout", reply, "alice")) == ()
+
+
+async def test_a_bad_proactive_rate_names_the_key(
+    write_config: Callable[..., Config], agent_registry: Registry
+) -> None:
+    cfg = write_config(CONFIG.format(secret="s", url="ws://x", extra_in="", extra="").replace(
+        "timeout = 2\n", 'timeout = 2\nproactive_rate = "lots"\n'))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"outbound\.botout\.proactive_rate"):
+        agent_registry.validate(cfg)
