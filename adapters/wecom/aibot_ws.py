@@ -17,6 +17,8 @@ socket and releases the lease, and **no instance connects again** until a daemon
 clears the mark) — readiness says so on every instance. That makes the kick loop impossible: every
 reconnection after a kick needs a person. A ``disconnected_event`` that reaches a holder which has
 already lost its lease (the next holder subscribed) is expected and only closes that socket.
+When the holder cannot connect or subscribe (853000: wrong Bot ID or Secret), every instance's
+readiness says why (``…:failure`` in Redis, cleared by the next subscription).
 
 **Dead-but-open sockets.** A ping every ``heartbeat_interval`` s; ``missed_acks`` unanswered pings
 in a row, no frame at all for ``silence_timeout`` s, or an ``846609 not subscribed`` answer close
@@ -370,6 +372,8 @@ class WeComAIBotWSSource(Source):
             poll=min(1.0, options.lease_ttl / 3),
         )
         self.kicked_key = ctx.state_key(STATE_ADAPTER, f"{options.bot_id}:kicked")
+        #: why the holder cannot serve the bot (a failed connect or subscribe), for every instance
+        self.failure_key = ctx.state_key(STATE_ADAPTER, f"{options.bot_id}:failure")
         self.socket: Socket | None = None
         #: why this instance is not serving the bot (None: ready, or standing by)
         self.status: str | None = "starting"
@@ -398,8 +402,24 @@ class WeComAIBotWSSource(Source):
         _LIVE.pop((id(self.ctx), self.name), None)
 
     async def ready(self) -> str | None:
-        """Why this instance cannot serve the bot; a kick shows on every instance."""
-        return await self._kicked() or self.status
+        """Why the bot cannot be served: a kick, or the holder's failure to connect or subscribe,
+        show on every instance; a standby is otherwise ready."""
+        if why := await self._kicked():
+            return why
+        if self.held.held or self.status:
+            return self.status
+        try:
+            failure = await self.ctx.redis.get(self.failure_key)
+        except UNAVAILABLE:
+            return None
+        return f"the holder: {failure.decode(errors='replace')}" if failure else None
+
+    async def _fail(self, why: str) -> None:
+        """Record why the holder cannot serve the bot, here and (for the standbys) in Redis."""
+        self.status = why
+        ttl = int(self.options.reconnect_max + 3 * self.options.lease_ttl) + 1
+        with contextlib.suppress(*UNAVAILABLE):
+            await self.held.lease.guarded_set(self.failure_key, f"{why} (on {self.ctx.instance})", ttl=ttl)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -490,7 +510,7 @@ class WeComAIBotWSSource(Source):
                 opts.connect_timeout,
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            self.status = f"cannot connect to {opts.url}: {type(e).__name__}"
+            await self._fail(f"cannot connect to {opts.url}: {type(e).__name__}")
             self.log.warning("wecom_aibot_ws.connect_failed", url=opts.url, error=type(e).__name__)
             return
         sock = Socket(ws, self._on_callback, opts.ack_timeout, self.log)
@@ -506,7 +526,7 @@ class WeComAIBotWSSource(Source):
                     timeout=opts.connect_timeout,
                 )
             except WsError as e:
-                self.status = (
+                await self._fail(
                     f"subscribe refused: {e.errcode} invalid bot_id or secret"
                     if e.errcode == ERR_AUTH
                     else f"subscribe refused: errcode {e.errcode} {e.errmsg}".rstrip()
@@ -514,13 +534,15 @@ class WeComAIBotWSSource(Source):
                 self.log.error("wecom_aibot_ws.subscribe_refused", errcode=e.errcode)
                 return
             except (SocketGone, TimeoutError) as e:
-                self.status = f"subscribe got no answer: {type(e).__name__}"
+                await self._fail(f"subscribe got no answer: {type(e).__name__}")
                 self.log.warning("wecom_aibot_ws.subscribe_failed", error=type(e).__name__)
                 return
             if not self.held.held:  # lost the lease while subscribing: do not keep the socket
                 return
             self.socket = sock
             self.status = None
+            with contextlib.suppress(*UNAVAILABLE):
+                await self.ctx.redis.delete(self.failure_key)
             self.connects += 1
             self.log.info("wecom_aibot_ws.subscribed", socket=sock.id, fence=self.held.lease.fence)
             beat = asyncio.create_task(self._heartbeat(sock))

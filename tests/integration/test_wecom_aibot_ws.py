@@ -246,6 +246,12 @@ async def test_bad_secret_is_not_ready_and_says_why(node: Any, fake: FakeAIBotSe
     assert await source(d).ready() == "subscribe refused: 853000 invalid bot_id or secret"
     assert "wrong" not in (await source(d).ready() or "")
     assert fake.subscriptions() == 0
+    standby = await node(secret="wrong", wait=False)  # another instance says why too
+    await asyncio.sleep(0.3)
+    assert (
+        await source(standby).ready()
+        == "the holder: subscribe refused: 853000 invalid bot_id or secret (on t1)"
+    )
 
 
 async def test_malformed_frames_change_nothing(
