@@ -69,7 +69,7 @@ REQUEST_LIST_TTL = 3600
 ANSWER_TTL = 60
 
 
-class _Request(msgspec.Struct, frozen=True):
+class _Relayed(msgspec.Struct, frozen=True):
     id: str
     op: str
     payload: dict[str, Any]
@@ -77,7 +77,7 @@ class _Request(msgspec.Struct, frozen=True):
     deadline: float
 
 
-class _Answer(msgspec.Struct, frozen=True, omit_defaults=True):
+class _RelayAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
     ok: bool
     result: dict[str, Any] = {}
     error: Literal["", "permanent", "retryable"] = ""
@@ -85,8 +85,8 @@ class _Answer(msgspec.Struct, frozen=True, omit_defaults=True):
     retry_after: float | None = None
 
 
-_request_decoder = msgspec.json.Decoder(_Request)
-_answer_decoder = msgspec.json.Decoder(_Answer)
+_relayed_decoder = msgspec.json.Decoder(_Relayed)
+_answer_decoder = msgspec.json.Decoder(_RelayAnswer)
 
 
 class HeldConnection:
@@ -189,7 +189,7 @@ class HeldConnection:
                     f"held connection {self.name}: Redis unavailable ({type(e).__name__})"
                 ) from None
         deadline = time.time() + timeout
-        entry = msgspec.json.encode(_Request(request_id, op, payload, self.answer_key(request_id), deadline))
+        entry = msgspec.json.encode(_Relayed(request_id, op, payload, self.answer_key(request_id), deadline))
         try:
             done = await self._request(
                 keys=[self.request_key, self.done_key(request_id)], args=[entry, REQUEST_LIST_TTL * 1000]
@@ -236,17 +236,17 @@ class HeldConnection:
     async def _run_handler(self, request_id: str, op: str, payload: dict[str, Any]) -> bytes:
         try:
             result = await self.handler(op, payload)
-            return msgspec.json.encode(_Answer(ok=True, result=result))
+            return msgspec.json.encode(_RelayAnswer(ok=True, result=result))
         except PermanentError as e:
-            return msgspec.json.encode(_Answer(ok=False, error="permanent", message=str(e)))
+            return msgspec.json.encode(_RelayAnswer(ok=False, error="permanent", message=str(e)))
         except RetryableError as e:
             return msgspec.json.encode(
-                _Answer(ok=False, error="retryable", message=str(e), retry_after=e.retry_after)
+                _RelayAnswer(ok=False, error="retryable", message=str(e), retry_after=e.retry_after)
             )
         except Exception as e:  # a bug or an unexpected failure: retryable, never recorded
             self.log.exception("held.handler_failed", request=request_id, op=op)
             return msgspec.json.encode(
-                _Answer(ok=False, error="retryable", message=f"{op} failed: {type(e).__name__}")
+                _RelayAnswer(ok=False, error="retryable", message=f"{op} failed: {type(e).__name__}")
             )
 
     async def _serve(self, stop: asyncio.Event) -> None:
@@ -281,7 +281,7 @@ class HeldConnection:
     async def _serve_one(self, raw: bytes) -> None:
         try:
             try:
-                req = _request_decoder.decode(raw)
+                req = _relayed_decoder.decode(raw)
             except msgspec.DecodeError as e:
                 self.log.error("held.bad_request", error=str(e))
                 return
