@@ -39,7 +39,7 @@ class Recorder:
 
 
 class Node:
-    def __init__(self, redis: Any, prefix: str, who: str, runs: list[Any], ttl: float = 0.6) -> None:
+    def __init__(self, redis: Any, prefix: str, who: str, runs: list[Any], ttl: float = 1.5) -> None:
         self.handler = Recorder(who, runs)
         self.conn = HeldConnection(
             redis, Keys(prefix), "bot", who, ttl=ttl, handler=self.handler, retry=0.05, poll=0.1
