@@ -22,10 +22,12 @@ import pytest
 
 from adapters.wecom.aibot_ws import WeComAIBotWSSource, parse_frame
 from adapters.wecom.aibot_ws_sink import WeComAIBotWSSink
-from bridge.adapter import PermanentError, Registry, SendContext
-from bridge.config import Config, ConfigError
+from bridge.adapter import Registry, SendContext
+from bridge.config import Config
 from bridge.daemon import Daemon
 from bridge.envelope import Conversation, Delivery, Origin, make_envelope, stable_id
+from bridge.errors import ConfigError, PermanentError
+from bridge.runner import Runner
 from tests.conftest import wait_for
 from tests.fakes.wecom_aibot_ws import FakeAIBotServer
 from tests.integration.aibot_ws_node import AgentSink
@@ -123,6 +125,13 @@ def source(d: Daemon) -> WeComAIBotWSSource:
     s = d.sources["bot"]
     assert isinstance(s, WeComAIBotWSSource)
     return s
+
+
+def send_ctx(d: Daemon, delivery: Delivery) -> SendContext:
+    """What the runner hands the sink for one delivery (the tests call the sink directly)."""
+    assert d.bus is not None
+    [cfg] = [o for o in d.config.outbound if o.name == delivery.sink]
+    return SendContext(delivery, Runner(d.sinks[delivery.sink], cfg, d.bus, d.instance))
 
 
 def holders(ds: list[Daemon]) -> list[Daemon]:
@@ -230,14 +239,14 @@ async def test_proactive_send_to_a_chat(node: Any, fake: FakeAIBotServer) -> Non
     assert isinstance(sink, WeComAIBotWSSink)
     env = make_envelope("alerts", Conversation("wrGroup1", "group"), "**disk** full")
     delivery = Delivery("dlv-1", "botout", env, "wrGroup1")
-    got = await sink.send(delivery, SendContext(delivery, d.runners["botout"]))
+    got = await sink.send(delivery, send_ctx(d, delivery))
     assert got.startswith("aibot_send_msg_")
     assert fake.sent("wrGroup1") == [
         {"chatid": "wrGroup1", "msgtype": "markdown", "markdown": {"content": "**disk** full"}}
     ]
     # a retried delivery (same id) does not send again
     await d.redis.delete(d.bus.keys.parts("botout", "dlv-1"))
-    assert await sink.send(delivery, SendContext(delivery, d.runners["botout"])) == got
+    assert await sink.send(delivery, send_ctx(d, delivery)) == got
     assert len(fake.sent("wrGroup1")) == 1
 
 
@@ -381,7 +390,7 @@ async def test_standby_sends_through_the_holder(node: Any, fake: FakeAIBotServer
     assert isinstance(sink, WeComAIBotWSSink)
     env = make_envelope("alerts", Conversation("bob", "direct"), "from the standby")
     delivery = Delivery("dlv-standby", "botout", env, "bob")
-    await sink.send(delivery, SendContext(delivery, b.runners["botout"]))
+    await sink.send(delivery, send_ctx(b, delivery))
     assert [m["markdown"]["content"] for m in fake.sent("bob")] == ["from the standby"]
 
 
@@ -558,7 +567,7 @@ async def test_card_out_click_in_and_update(node: Any, fake: FakeAIBotServer, re
     assert isinstance(sink, WeComAIBotWSSink)
     env = make_envelope("ops", Conversation("alice", "direct"), "", meta={"template_card": json.dumps(card)})
     delivery = Delivery("dlv-card", "botout", env, "alice")
-    await sink.send(delivery, SendContext(delivery, d.runners["botout"]))
+    await sink.send(delivery, send_ctx(d, delivery))
     assert fake.sent("alice") == [{"chatid": "alice", "msgtype": "template_card", "template_card": card}]
     # in: the click is an event envelope; the agent answers with an updated card (CARD in the text)
     updated = {**card, "button_list": [{"text": "Done", "key": "deploy_done", "style": 2}]}
@@ -652,7 +661,7 @@ async def test_a_card_wecom_would_refuse_is_refused_before_sending(
     env = make_envelope("ops", Conversation("alice", "direct"), "", meta={"template_card": card})
     delivery = Delivery("dlv-bad-card", "botout", env, "alice")
     with pytest.raises(PermanentError, match=reason):
-        await sink.send(delivery, SendContext(delivery, d.runners["botout"]))
+        await sink.send(delivery, send_ctx(d, delivery))
     assert fake.replies() == []
 
 
