@@ -219,7 +219,8 @@ class PuppetClient:
             self._channel = Channel(
                 self.host, self.port, ssl=ssl_context(self.ca) if self.tls else None, config=config
             )
-            self._stub = PuppetStub(self._channel, metadata=self._metadata, timeout=self.timeout)
+            # no default timeout on the stub: the Event stream has none (unary calls pass theirs)
+            self._stub = PuppetStub(self._channel, metadata=self._metadata)
         return self._stub
 
     def close(self) -> None:

@@ -67,6 +67,11 @@ from = "wx"
 to = "{to}"
 reply = true
 [[routes]]
+name = "events"
+from = "wx"
+to = "c"
+match = {{ kinds = ["event"] }}
+[[routes]]
 name = "post"
 from = "man"
 to = {{ sink = "wx_out", conversation = "{room}" }}
@@ -363,8 +368,11 @@ async def test_two_instances_share_one_event_stream(services: Any, wx_config: An
     assert m["mentions"] == ["bob"]
 
     await svc.say("one stream, published once", id="m-shared")
-    await wait_for(lambda: len(CollectSink.instances["c"].sent) >= 1, timeout=20)
+    sinks = [d.sinks["c"] for d in (d1, d2)]
+    assert all(isinstance(s, CollectSink) for s in sinks)
+    await wait_for(lambda: sum(len(s.sent) for s in sinks) >= 1, timeout=20)
     await asyncio.sleep(0.5)
+    assert sum(len(s.sent) for s in sinks) == 1
     assert [e.meta["message_id"] for e in await published(d1)] == ["m-shared"]
 
     # the holder stops: the other takes the stream over
@@ -406,3 +414,61 @@ async def test_the_login_command_shows_the_qr_code_and_waits_for_the_login(
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     assert "logged in as bot (Bot)" in out.decode()
+
+
+async def test_a_room_asks_openclaw_and_the_answer_comes_back_into_the_room(
+    services: Any, wx_config: Any, start_daemon: Any, gateway: Any
+) -> None:
+    """Wechaty room → the real OpenClaw gateway (fake LLM behind it) → the same room."""
+    svc: PuppetService = await services()
+    claw = f"""
+[[outbound]]
+name = "claw"
+type = "openclaw"
+url = "{gateway.url}"
+token = "{gateway.token}"
+agent = "wechat"
+retry_base = 0.5
+retry_max = 2
+max_attempts = 4
+"""
+    d = await start_daemon(wx_config(svc, to="claw", extra=claw))
+    await wait_for(lambda: ready(d), timeout=30)
+    await svc.say("@Bot what is the plan for today?", mentions=["bot"], id="m-claw")
+    answer = await svc.wait(lambda e: e.get("ev") == "message" and e.get("talker") == "bot", timeout=120)
+    assert answer["room"] == ROOM and answer["mentions"] == ["alice"]
+    assert answer["text"].startswith("@Alice echo: ") and "what is the plan for today?" in answer["text"]
+    # one turn, one answer: nothing else came back into the room
+    await asyncio.sleep(1.0)
+    assert len(svc.messages(talker="bot")) == 1
+
+
+async def test_the_login_command_follows_a_running_bridge(
+    services: Any, wx_config: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A bridge holds the one Event stream: the command shows the QR code the bridge recorded."""
+    svc: PuppetService = await services(auto_login=False)
+    cfg = wx_config(svc)
+    d = await start_daemon(cfg)
+    await wait_for(lambda: wx(d).status.state == "scan", timeout=30)
+    assert "scan" in (await d.readiness())["wx"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "wechaty", "login", "--config", str(cfg.path), "--timeout", "60",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(30):
+        while not any("(the link in it:" in x for x in lines):
+            line = (await proc.stdout.readline()).decode()
+            assert line, f"the command ended early: {lines}"
+            lines.append(line)
+    text = "".join(lines)
+    assert "a running bridge holds the service's Event stream" in text
+    assert "https://login.example.invalid/qr/" in text
+    await svc.send(op="login")
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert "logged in as bot (Bot)" in out.decode()
+    await wait_for(lambda: ready(d), timeout=10)
