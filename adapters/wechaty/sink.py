@@ -44,7 +44,10 @@ from adapters.wechaty.source import WechatySource, source_for
 from bridge.adapter import PermanentError, RetryableError, SendContext, Sink
 from bridge.config import ConfigError, Rate, parse_rates
 from bridge.envelope import Delivery
-from bridge.text import split_text
+from bridge.text import MIN_LIMIT_BYTES, split_text
+
+#: bytes kept free in each part for the mention the holder adds ("@Name ")
+MENTION_RESERVE = 64
 
 
 class WechatySink(Sink):
@@ -90,7 +93,9 @@ class WechatySink(Sink):
             and origin.sender is not None
         ):
             mentions = [origin.sender.id]
-        parts = split_text(env.text, self.options.max_bytes) if env.text else []
+        # room for the "@Name " the holder puts in front of the first part
+        limit = max(self.options.max_bytes - (MENTION_RESERVE if mentions else 0), MIN_LIMIT_BYTES)
+        parts = split_text(env.text, limit) if env.text else []
         files = [(a.url, a.name or _name_from_url(a.url)) for a in env.attachments if _sendable(a.url)]
         skipped = [a.name or a.kind for a in env.attachments if not _sendable(a.url)]
         if skipped:

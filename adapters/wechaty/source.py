@@ -57,7 +57,6 @@ import weakref
 from typing import Any
 
 import msgspec
-from bridge.held import HeldConnection
 
 from adapters.wechaty.client import AuthError, NotLoggedIn, PuppetError, StreamBusy, Unreachable
 from adapters.wechaty.mapping import MEDIA_KINDS, message_envelope, message_type, room_event_envelope
@@ -66,6 +65,7 @@ from adapters.wechaty.qr import terminal_qr
 from bridge.adapter import Context, PermanentError, RetryableError, Source
 from bridge.bus import UNAVAILABLE, BusUnavailable
 from bridge.envelope import Envelope
+from bridge.held import HeldConnection
 
 STATE_ADAPTER = "wechaty"
 #: a stream that lived this long resets the back-off
@@ -138,38 +138,52 @@ class WechatySource(Source):
         keep = {"self_id": self.self_id, "self_name": self.status.self_name}
         keep.update(fields)
         self.status = Status(state, reason, instance=self.ctx.instance, at=time.time(), **keep)
+        await self._write_status()
+
+    async def _write_status(self) -> None:
+        """Record the status for every instance, under our lease; it expires unless refreshed."""
         with contextlib.suppress(*UNAVAILABLE):
             await self.held.lease.guarded_set(
                 self.status_key, msgspec.json.encode(self.status), ttl=max(int(self.options.lease_ttl * 3), 3)
             )
+
+    async def _refresh_status(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.options.lease_ttl, 1.0))
+            await self._write_status()
 
     # -- the held connection -------------------------------------------------------------------------
 
     async def run(self) -> None:
         stop = asyncio.Event()
         keeper = asyncio.create_task(self.held.run(stop))
+        children: list[asyncio.Future[Any]] = []
         try:
             while not keeper.done():
-                await _first(keeper, asyncio.ensure_future(self.held.wait_held()))
+                held = asyncio.ensure_future(self.held.wait_held())
+                children = [held]
+                await _first(keeper, held)
                 if keeper.done():
                     break
                 self.log.info("wechaty.holding", endpoint=self.options.endpoint)
                 session = asyncio.create_task(self._connect_loop())
                 lost = asyncio.ensure_future(self.held.wait_lost())
+                children = [session, asyncio.create_task(self._refresh_status()), lost]
                 await _first(keeper, session, lost)
-                for t in (session, lost):
-                    t.cancel()
-                await asyncio.gather(session, lost, return_exceptions=True)
+                await _cancel(children)
                 self._disconnect()
                 if not keeper.done():
                     self.log.info("wechaty.standby", why="lease lost")
                     self.status = Status("standby", "another instance holds the Event stream")
             keeper.result()  # raise what ended it
         finally:
+            # also on cancellation (the daemon stopping): the stream must close before the lease goes,
+            # or the next holder finds it still open (ALREADY_EXISTS)
+            await _cancel(children)
+            self._disconnect()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(keeper, return_exceptions=True)
-            self._disconnect()
 
     def _disconnect(self) -> None:
         self._connected = False
@@ -182,7 +196,7 @@ class WechatySource(Source):
     async def _connect_loop(self) -> None:
         """While held: Start, stream, handle; reconnect with back-off and jitter."""
         attempt = 0
-        while True:
+        while self.held.held:
             t0 = time.monotonic()
             delay_floor = 0.0
             try:
@@ -230,10 +244,16 @@ class WechatySource(Source):
             await self._set_status("logged_out", "the account logged out: scan the QR code again")
         elif event == "scan":
             await self._on_scan(payload)
-        elif event == "message":
-            await self._on_message(str(payload.get("messageId") or ""))
-        elif event in ("room_join", "room_leave", "room_topic"):
-            await self._on_room_event(event, payload)
+        elif event in ("message", "room_join", "room_leave", "room_topic"):
+            try:
+                if event == "message":
+                    await self._on_message(str(payload.get("messageId") or ""))
+                else:
+                    await self._on_room_event(event, payload)
+            except Unreachable:
+                raise  # the connection is gone: reconnect
+            except PuppetError as e:  # one payload the service cannot give: skip it, keep the stream
+                self.log.error("wechaty.event_failed", event=event, error=str(e), payload=str(payload)[:300])
         elif event == "error":
             self.log.warning("wechaty.puppet_error", data=str(payload.get("data", payload))[:500])
         elif event in ("heartbeat", "dong", "ready", "dirty"):
@@ -365,3 +385,9 @@ class WechatySource(Source):
 
 async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def _cancel(tasks: list[asyncio.Future[Any]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -353,6 +353,8 @@ async def test_two_instances_share_one_event_stream(services: Any, wx_config: An
     await wait_for(lambda: ready(holder), timeout=30)
     await wait_for(lambda: ready(other), timeout=10)  # readiness is shared through Redis
     assert not wx(other).held.held
+    await asyncio.sleep(3 * 2 + 1)  # longer than the recorded status lives without a refresh
+    assert await ready(other), await other.readiness()
 
     # a send from the instance that does not hold the stream reaches the room through the holder
     sink = other.sinks["wx_out"]
