@@ -58,6 +58,7 @@ retry_base = 0.1
 retry_max = 0.5
 max_attempts = 20
 timeout = 5
+{sink_extra}
 [[outbound]]
 name = "c"
 type = "collect"
@@ -116,6 +117,7 @@ def wx_config(write_config: Any) -> Callable[..., Any]:
         to: str = "c",
         extra: str = "",
         name: str = "bridge.toml",
+        sink_extra: str = "",
     ) -> Any:
         body = CONFIG.format(
             endpoint=svc.endpoint,
@@ -123,6 +125,7 @@ def wx_config(write_config: Any) -> Callable[..., Any]:
             tls="true" if svc.tls else "false",
             to=to,
             room=ROOM,
+            sink_extra=sink_extra,
         )
         return write_config(body + extra, name=name)
 
@@ -184,6 +187,30 @@ async def test_a_room_message_with_a_mention_arrives_and_the_reply_mentions_the_
     await asyncio.sleep(1.0)
     assert [e.meta["message_id"] for e in await published(d)] == ["m-first", "m-direct"]
     assert len(c.sent) == 2
+
+
+async def test_a_long_reply_is_split_and_mentions_once(
+    services: Any, wx_config: Any, start_daemon: Any
+) -> None:
+    svc: PuppetService = await services()
+    d = await start_daemon(wx_config(svc, sink_extra="max_bytes = 120"))
+    c = CollectSink.instances["c"]
+    words = " ".join(f"word{i}" for i in range(60))
+    c.reply_text = words
+    await wait_for(lambda: ready(d), timeout=30)
+    await svc.say("@Bot tell me a lot", mentions=["bot"], id="m-long")
+    await wait_for(lambda: len(svc.messages(talker="bot")) >= 2, timeout=20)
+    await wait_for(lambda: "word59" in svc.messages(talker="bot")[-1]["text"], timeout=20)
+    parts = svc.messages(talker="bot")
+    assert all(len(p["text"].encode()) <= 120 for p in parts)
+    assert parts[0]["text"].startswith("@Alice (1/") and parts[0]["mentions"] == ["alice"]
+    assert all(p["mentions"] == [] and not p["text"].startswith("@") for p in parts[1:])
+    n = len(parts)
+    assert [p["text"].split(" ", 2)[1 if i == 0 else 0] for i, p in enumerate(parts)] == [
+        f"({i}/{n})" for i in range(1, n + 1)
+    ]
+    body = " ".join(p["text"].split(" ", 2 if i == 0 else 1)[-1] for i, p in enumerate(parts))
+    assert body.split() == words.split()
 
 
 async def test_room_join_leave_and_topic_are_events(services: Any, wx_config: Any, start_daemon: Any) -> None:
