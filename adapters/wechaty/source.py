@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 import uuid
 import weakref
@@ -62,6 +63,7 @@ from adapters.wechaty.client import AuthError, NotLoggedIn, PuppetError, StreamB
 from adapters.wechaty.mapping import MEDIA_KINDS, message_envelope, message_type, room_event_envelope
 from adapters.wechaty.options import WechatyOptions, backoff
 from adapters.wechaty.qr import terminal_qr
+from bridge import logging as blog
 from bridge.adapter import Context, PermanentError, RetryableError, Source
 from bridge.bus import UNAVAILABLE, BusUnavailable
 from bridge.envelope import Envelope
@@ -267,11 +269,16 @@ class WechatySource(Source):
         status = SCAN_STATUS.get(int(payload.get("status") or 0), str(payload.get("status")))
         qrcode = str(payload.get("qrcode") or "")
         if qrcode and status in ("waiting", "unknown"):
+            qr = terminal_qr(qrcode)
+            # a log line escapes newlines: the QR rides in the `qr` field (jq -r .qr prints it
+            # scannable), and on a terminal it is also written out as it is
             self.log.warning(
-                "wechaty.scan", status=status, qrcode=qrcode,
-                hint="scan this QR code with the WeChat app of the bot's account",
-                qr="\n" + terminal_qr(qrcode),
+                "wechaty.scan", status=status, qrcode=qrcode, qr=qr,
+                hint="scan it with the bot account's WeChat app (or: wechat-bridge wechaty login)",
             )  # fmt: skip
+            if sys.stderr.isatty():
+                blog.flush()
+                print(qr, file=sys.stderr, flush=True)
         else:
             self.log.info("wechaty.scan", status=status)
         await self._set_status("scan", f"waiting for the QR code to be scanned ({status})", qrcode=qrcode)

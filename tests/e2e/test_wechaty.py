@@ -473,7 +473,7 @@ max_attempts = 4
 
 
 async def test_the_login_command_follows_a_running_bridge(
-    services: Any, wx_config: Any, start_daemon: Any, tmp_path: Path
+    services: Any, wx_config: Any, start_daemon: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """A bridge holds the one Event stream: the command shows the QR code the bridge recorded."""
     svc: PuppetService = await services(auto_login=False)
@@ -481,6 +481,10 @@ async def test_the_login_command_follows_a_running_bridge(
     d = await start_daemon(cfg)
     await wait_for(lambda: wx(d).status.state == "scan", timeout=30)
     assert "scan" in (await d.readiness())["wx"]
+    logged = "".join(capfd.readouterr())
+    # the bridge's own log: the link, and the QR code as text in the qr field
+    assert "wechaty.scan" in logged and "qrcode=https://login.example.invalid/qr/" in logged
+    assert "qr='" in logged and "▀" in logged
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "wechaty", "login", "--config", str(cfg.path), "--timeout", "60",
