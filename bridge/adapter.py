@@ -123,6 +123,10 @@ class Source(Adapter):
     async def run(self) -> None:
         """The long-lived task; restarted with backoff if it crashes."""
 
+    def stop(self) -> None:
+        """Ask ``run`` to return soon: the daemon is stopping (it cancels ``run`` after
+        ``shutdown_timeout`` otherwise)."""
+
 
 class SendContext:
     """Per-delivery help for a sink: progress of split deliveries, and answers that go home."""
