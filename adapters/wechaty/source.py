@@ -112,6 +112,7 @@ class WechatySource(Source):
             ttl=options.lease_ttl, handler=self.handle,
         )  # fmt: skip
         self.status_key = ctx.state_key(STATE_ADAPTER, f"{name}:status")
+        self._stop = asyncio.Event()
         _SOURCES[(id(ctx), name)] = self
 
     # -- readiness -----------------------------------------------------------------------------------
@@ -156,32 +157,38 @@ class WechatySource(Source):
 
     # -- the held connection -------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """The daemon is stopping: close the stream and hand the lease over now."""
+        self._stop.set()
+
     async def run(self) -> None:
         stop = asyncio.Event()
         keeper = asyncio.create_task(self.held.run(stop))
+        stopping = asyncio.ensure_future(self._stop.wait())
         children: list[asyncio.Future[Any]] = []
         try:
-            while not keeper.done():
+            while not keeper.done() and not self._stop.is_set():
                 held = asyncio.ensure_future(self.held.wait_held())
                 children = [held]
-                await _first(keeper, held)
-                if keeper.done():
+                await _first(keeper, held, stopping)
+                if keeper.done() or self._stop.is_set():
                     break
                 self.log.info("wechaty.holding", endpoint=self.options.endpoint)
                 session = asyncio.create_task(self._connect_loop())
                 lost = asyncio.ensure_future(self.held.wait_lost())
                 children = [session, asyncio.create_task(self._refresh_status()), lost]
-                await _first(keeper, session, lost)
+                await _first(keeper, session, lost, stopping)
                 await _cancel(children)
                 self._disconnect()
-                if not keeper.done():
+                if not keeper.done() and not self._stop.is_set():
                     self.log.info("wechaty.standby", why="lease lost")
                     self.status = Status("standby", "another instance holds the Event stream")
-            keeper.result()  # raise what ended it
+            if keeper.done():
+                keeper.result()  # raise what ended it
         finally:
-            # also on cancellation (the daemon stopping): the stream must close before the lease goes,
-            # or the next holder finds it still open (ALREADY_EXISTS)
-            await _cancel(children)
+            # also on cancellation: the stream must close before the lease goes, or the next holder
+            # finds it still open (ALREADY_EXISTS)
+            await _cancel([*children, stopping])
             self._disconnect()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
