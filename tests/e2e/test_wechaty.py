@@ -213,6 +213,18 @@ async def test_a_long_reply_is_split_and_mentions_once(
     assert body.split() == words.split()
 
 
+async def test_mention_reply_can_be_turned_off(services: Any, wx_config: Any, start_daemon: Any) -> None:
+    svc: PuppetService = await services()
+    d = await start_daemon(wx_config(svc, sink_extra="mention_reply = false"))
+    CollectSink.instances["c"].reply_text = "noted: {text}"
+    await wait_for(lambda: ready(d), timeout=30)
+    await svc.say("@Bot remember the milk", mentions=["bot"], id="m-quiet")
+    reply = await svc.wait(lambda e: e.get("ev") == "message" and e.get("talker") == "bot", timeout=20)
+    assert (
+        reply["room"] == ROOM and reply["mentions"] == [] and reply["text"] == "noted: @Bot remember the milk"
+    )
+
+
 async def test_room_join_leave_and_topic_are_events(services: Any, wx_config: Any, start_daemon: Any) -> None:
     svc: PuppetService = await services(tls=False)  # a plaintext service: tls = false
     d = await start_daemon(wx_config(svc))
