@@ -55,8 +55,8 @@ from typing import Any, Literal
 import msgspec
 
 from bridge import logging as blog
-from bridge.adapter import PermanentError, RetryableError
 from bridge.bus import UNAVAILABLE, Keys
+from bridge.errors import PermanentError, RetryableError
 from bridge.lease import Lease
 from bridge.lua import source
 

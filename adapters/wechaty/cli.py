@@ -29,8 +29,9 @@ from adapters.wechaty.options import WechatyOptions
 from adapters.wechaty.qr import terminal_qr
 from adapters.wechaty.source import STATE_ADAPTER, Status
 from bridge.bus import UNAVAILABLE, Keys
-from bridge.config import Config, ConfigError, convert
-from bridge.embedded_redis import EmbeddedRedisError, client_url
+from bridge.config import Config, convert
+from bridge.embedded_redis import client_url
+from bridge.errors import ConfigError, EmbeddedRedisError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

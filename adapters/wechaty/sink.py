@@ -15,7 +15,9 @@ envelope's. Room ids contain ``@`` (``…@chatroom``); anything else is a contac
 * **Mentions**: a reply going into a room mentions the person it answers (``mention_reply``,
   default on): their contact id goes in the mention list and ``@Name`` in front of the first part.
 * **Files**: each attachment with an http(s) ``url`` is sent as a URL FileBox (the puppet fetches
-  it), after the text. Attachments without a URL cannot be sent yet: the bridge has no media store,
+  it), after the text. The URL must pass the daemon's egress check first (``[http] fetch_hosts``,
+  ``fetch_private``: bridge/egress.py), as if the bridge fetched it itself; a refused one is a dead
+  letter saying so. Attachments without a URL cannot be sent yet: the bridge has no media store,
   and the inbound carries references, not bytes; they are named in the log and skipped.
 * **Rate**: personal accounts are banned for floods, so the default is conservative:
   ``default_rate`` 20/minute for the account and ``per_conversation_rate`` (default 10/minute) per
@@ -41,9 +43,10 @@ from collections.abc import Sequence
 
 from adapters.wechaty.options import WechatySinkOptions
 from adapters.wechaty.source import WechatySource, source_for
-from bridge.adapter import PermanentError, RetryableError, SendContext, Sink
-from bridge.config import ConfigError, Rate, parse_rates
+from bridge.adapter import SendContext, Sink
+from bridge.config import Rate, parse_rates
 from bridge.envelope import Delivery
+from bridge.errors import ConfigError, EgressRefused, PermanentError, RetryableError
 from bridge.text import MIN_LIMIT_BYTES, split_text
 
 #: bytes kept free in each part for the mention the holder adds ("@Name ")
@@ -115,6 +118,11 @@ class WechatySink(Sink):
         steps += [("send_file", {"conversation": target, "url": url, "name": name}) for url, name in files]
         for i in range(done, len(steps)):
             op, payload = steps[i]
+            if op == "send_file":  # the puppet fetches it for us: the same rule as our own fetches
+                try:
+                    await self.ctx.egress.check(str(payload["url"]))
+                except EgressRefused as e:
+                    raise PermanentError(f"attachment {payload['name']}: {e}") from None
             answer = await held.call(
                 op, payload, request_id=f"{delivery.id}:{i}", timeout=self.options.timeout
             )

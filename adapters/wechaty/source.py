@@ -64,9 +64,10 @@ from adapters.wechaty.mapping import MEDIA_KINDS, message_envelope, message_type
 from adapters.wechaty.options import WechatyOptions, backoff
 from adapters.wechaty.qr import terminal_qr
 from bridge import logging as blog
-from bridge.adapter import Context, PermanentError, RetryableError, Source
-from bridge.bus import UNAVAILABLE, BusUnavailable
+from bridge.adapter import Context, Source
+from bridge.bus import UNAVAILABLE
 from bridge.envelope import Envelope
+from bridge.errors import BusUnavailable, PermanentError, RetryableError
 from bridge.held import HeldConnection
 
 STATE_ADAPTER = "wechaty"

@@ -90,11 +90,12 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from adapters.wechat_inbound import Refused
+from adapters.wechat.parsing import CallbackRefused
 from adapters.wecom.aibot import CONTENT_MAX_BYTES, aibot_envelope, fit
-from bridge.adapter import Context, PermanentError, RetryableError, Source
+from bridge.adapter import Context, Source
 from bridge.bus import UNAVAILABLE
 from bridge.config import Secret
+from bridge.errors import PermanentError, RetryableError
 from bridge.held import HeldConnection
 
 DEFAULT_URL = "wss://openws.work.weixin.qq.com"
@@ -611,7 +612,7 @@ class WeComAIBotWSSource(Source):
                 return
         try:
             env, key = aibot_envelope(self.name, body, stream=True)
-        except Refused as e:
+        except CallbackRefused as e:
             self.log.warning("wecom_aibot_ws.bad_callback", reason=e.reason)
             return
         now = time.time()

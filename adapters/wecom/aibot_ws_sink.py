@@ -46,9 +46,10 @@ import msgspec
 
 from adapters.wecom.aibot import CONTENT_MAX_BYTES
 from adapters.wecom.aibot_ws import WeComAIBotWSSource, live_source
-from bridge.adapter import PermanentError, SendContext, Sink
-from bridge.config import ConfigError, Rate, parse_rates
+from bridge.adapter import SendContext, Sink
+from bridge.config import Rate, parse_rates
 from bridge.envelope import Delivery
+from bridge.errors import ConfigError, PermanentError
 from bridge.text import split_text
 
 

@@ -127,7 +127,9 @@ def wx_config(write_config: Any) -> Callable[..., Any]:
             room=ROOM,
             sink_extra=sink_extra,
         )
-        return write_config(body + extra, name=name)
+        # the file test's server is on loopback: the egress check must let the puppet fetch from it
+        http = 'fetch_hosts = ["127.0.0.1"]\nfetch_private = ["127.0.0.0/8"]\n'
+        return write_config(http + body + extra, name=name)
 
     return make
 
@@ -331,6 +333,23 @@ async def test_a_file_goes_both_ways(services: Any, wx_config: Any, start_daemon
         [text] = svc.messages(talker="bot", text="the notes")
         assert text["room"] == ROOM and text["mentions"] == []
         assert files.fetched == ["notes.txt"]
+        # a URL the egress rule refuses (the cloud metadata address) is never handed to the puppet
+        bad = make_envelope(
+            "man",
+            Conversation("ops"),
+            "",
+            attachments=[Attachment("file", url="http://169.254.169.254/latest")],
+        )
+        await d.bus.publish(bad)
+        assert d.redis is not None
+
+        async def dead() -> list[Any]:
+            return [f for _, f in await d.redis.xrange(d.bus.keys.dead)]
+
+        await wait_for(lambda: dead(), timeout=20)
+        [letter] = await dead()
+        assert b"refused" in letter[b"reason"] and b"latest" in letter[b"reason"]
+        assert len(svc.messages(talker="bot")) == 2
     finally:
         await files.stop()
 

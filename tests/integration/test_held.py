@@ -9,8 +9,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from bridge.adapter import PermanentError, RetryableError
 from bridge.bus import Keys
+from bridge.errors import PermanentError, RetryableError
 from bridge.held import HeldConnection
 from bridge.lua import source
 

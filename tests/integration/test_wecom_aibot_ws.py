@@ -22,10 +22,11 @@ import pytest
 
 from adapters.wecom.aibot_ws import WeComAIBotWSSource, parse_frame
 from adapters.wecom.aibot_ws_sink import WeComAIBotWSSink
-from bridge.adapter import PermanentError, Registry, SendContext
-from bridge.config import Config, ConfigError
+from bridge.adapter import Registry, SendContext
+from bridge.config import Config
 from bridge.daemon import Daemon
 from bridge.envelope import Conversation, Delivery, Origin, make_envelope, stable_id
+from bridge.errors import ConfigError, PermanentError
 from tests.conftest import wait_for
 from tests.fakes.wecom_aibot_ws import FakeAIBotServer
 from tests.integration.aibot_ws_node import AgentSink
