@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from adapters.wechaty.client import AuthError, PuppetClient, PuppetError, StreamBusy
 from adapters.wechaty.options import WechatyOptions
 from adapters.wechaty.qr import terminal_qr
-from adapters.wechaty.source import STATE_ADAPTER, Status
+from adapters.wechaty.source import STATE_ADAPTER, PuppetStatus
 from bridge.bus import UNAVAILABLE, Keys
 from bridge.config import Config, convert
 from bridge.embedded_redis import client_url
@@ -105,7 +105,7 @@ async def _follow_bridge(config: Config, name: str, deadline: float) -> int:
     try:
         while time.time() < deadline:
             raw = await r.get(key)
-            status = msgspec.json.decode(raw, type=Status) if raw else None
+            status = msgspec.json.decode(raw, type=PuppetStatus) if raw else None
             if status is not None and status.state == "logged_in":
                 print(
                     f"logged in as {status.self_id}" + (f" ({status.self_name})" if status.self_name else "")

@@ -85,7 +85,7 @@ def source_for(ctx: Context, inbound: str) -> WechatySource | None:
     return _SOURCES.get((id(ctx), inbound))
 
 
-class Status(msgspec.Struct, omit_defaults=True):
+class PuppetStatus(msgspec.Struct, omit_defaults=True):
     """What the holder knows about the puppet, shared through Redis for every instance's /readyz."""
 
     state: str  # connecting | scan | logged_in | logged_out | refused | unreachable | busy
@@ -105,7 +105,7 @@ class WechatySource(Source):
     def __init__(self, name: str, options: WechatyOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         self.client = options.client()
-        self.status = Status("standby", "another instance holds the Event stream")
+        self.status = PuppetStatus("standby", "another instance holds the Event stream")
         self.self_id = ""
         self._connected = False
         self.held = HeldConnection(
@@ -126,7 +126,7 @@ class WechatySource(Source):
             return None
         return f"wechaty {status.state}: {status.reason}" if status.reason else f"wechaty {status.state}"
 
-    async def _shared_status(self) -> Status | None:
+    async def _shared_status(self) -> PuppetStatus | None:
         try:
             raw = await self.ctx.redis.get(self.status_key)
         except UNAVAILABLE:
@@ -134,14 +134,14 @@ class WechatySource(Source):
         if raw is None:
             return None
         try:
-            return msgspec.json.decode(raw, type=Status)
+            return msgspec.json.decode(raw, type=PuppetStatus)
         except msgspec.DecodeError:
             return None
 
     async def _set_status(self, state: str, reason: str = "", **fields: Any) -> None:
         keep = {"self_id": self.self_id, "self_name": self.status.self_name}
         keep.update(fields)
-        self.status = Status(state, reason, instance=self.ctx.instance, at=time.time(), **keep)
+        self.status = PuppetStatus(state, reason, instance=self.ctx.instance, at=time.time(), **keep)
         await self._write_status()
 
     async def _write_status(self) -> None:
@@ -183,7 +183,7 @@ class WechatySource(Source):
                 self._disconnect()
                 if not keeper.done() and not self._stop.is_set():
                     self.log.info("wechaty.standby", why="lease lost")
-                    self.status = Status("standby", "another instance holds the Event stream")
+                    self.status = PuppetStatus("standby", "another instance holds the Event stream")
             if keeper.done():
                 keeper.result()  # raise what ended it
         finally:
