@@ -11,6 +11,7 @@ SOURCES: dict[str, str] = {
     "wecom_aibot": "adapters.wecom.aibot:WeComAIBotSource",
     "wecom_aibot_ws": "adapters.wecom.aibot_ws:WeComAIBotWSSource",
     "wechat_oa": "adapters.official_account.push:WeChatOASource",
+    "wechaty": "adapters.wechaty.source:WechatySource",
 }
 
 SINKS: dict[str, str] = {
@@ -22,10 +23,12 @@ SINKS: dict[str, str] = {
     "wecom_webhook": "adapters.wecom.webhook_sink:WeComWebhookSink",
     "wechat_oa": "adapters.official_account.customer_service:WeChatOASink",
     "openclaw": "adapters.openclaw.sink:OpenClawSink",
+    "wechaty": "adapters.wechaty.sink:WechatySink",
 }
 
 #: sub-commands of ``wechat-bridge`` the adapters contribute: name → module with configure() and run()
 COMMANDS: dict[str, str] = {
     "simulate": "adapters.wechat.simulate",
     "wecom": "adapters.wecom.cli",
+    "wechaty": "adapters.wechaty.cli",
 }
