@@ -10,6 +10,9 @@ SOURCES: dict[str, str] = {
     "wecom_app": "adapters.wecom.app_callback:WeComAppSource",
     "wecom_aibot": "adapters.wecom.aibot:WeComAIBotSource",
     "wechat_oa": "adapters.official_account.push:WeChatOASource",
+    "oa_articles": "adapters.feeds.oa_articles:OAArticlesFeed",
+    "tencent_im_oa": "adapters.feeds.tencent_im_oa:TencentIMOAFeed",
+    "x_alerts": "adapters.feeds.x_alerts:XAlertsFeed",
 }
 
 SINKS: dict[str, str] = {

@@ -123,6 +123,9 @@ class Source(Adapter):
     async def run(self) -> None:
         """The long-lived task; restarted with backoff if it crashes."""
 
+    def stop(self) -> None:
+        """Ask ``run`` to return soon: the daemon is stopping (called before it waits for its tasks)."""
+
 
 class SendContext:
     """Per-delivery help for a sink: progress of split deliveries, and answers that go home."""

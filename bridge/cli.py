@@ -1,4 +1,4 @@
-"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, dead.
+"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, status, poll, dead.
 
 Every command takes ``--config F`` (default ``$WECHAT_BRIDGE_CONFIG``, then ``./bridge.toml``). On
 the embedded default the commands talk to the running daemon's Redis through its socket.
@@ -23,6 +23,7 @@ from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Keys, connect
 from bridge.config import Config, ConfigError, load, masked
 from bridge.embedded_redis import EmbeddedRedisError, client_url
 from bridge.envelope import Conversation, Sender, decode_delivery, make_envelope
+from bridge.poller import configure_poll, feed_status, is_feed, poll_once
 
 #: a sub-command contributed by the adapters: (configure its parser, run it)
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Config], int]]
@@ -126,7 +127,7 @@ def cmd_inject(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_inject(cfg, args))
 
 
-async def _status(cfg: Config) -> int:
+async def _status(cfg: Config, registry: Registry | None = None) -> int:
     r = _redis(cfg)
     keys = Keys(cfg.redis.prefix)
     out: dict[str, Any] = {"instance": cfg.bridge.instance, "streams": {}}
@@ -146,14 +147,26 @@ async def _status(cfg: Config) -> int:
                         c["name"].decode(): {"pending": c["pending"], "idle_ms": c["idle"]} for c in consumers
                     }
             out["streams"][name] = row
+        if registry is not None:  # the feeds' cursor, last success, last error, next poll
+            feeds = [
+                i.name for i in cfg.inbound if is_feed(registry.source(i.type, f"inbound.{i.name}", cfg.path))
+            ]
+            if feeds:
+                out["feeds"] = await feed_status(r, keys, feeds)
     finally:
         await r.aclose()
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    return asyncio.run(_status(cfg))
+    return asyncio.run(_status(cfg, Registry.from_module(args.adapters)))
+
+
+def cmd_poll(args: argparse.Namespace, cfg: Config) -> int:
+    return asyncio.run(
+        poll_once(cfg, args, Registry.from_module(args.adapters), client_url(cfg.data_dir, cfg.redis.url))
+    )
 
 
 async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
@@ -230,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--title", default=None)
     i.add_argument("--group", action="store_true", help="the conversation is a group")
     i.add_argument("--mention", action="store_true", help="the message mentions the bot")
-    add("status", cmd_status, "stream lengths, pending entries and consumers")
+    add(
+        "status", cmd_status, "stream lengths, pending entries and consumers; each feed's cursor and schedule"
+    )
+    configure_poll(add("poll", cmd_poll, "poll one feed once and print what it finds (--publish to publish)"))
     dl = add("dead", cmd_dead, "list dead letters, or send them again")
     dl.add_argument("action", choices=["list", "replay"])
     dl.add_argument("ids", nargs="*", help="dead-letter ids to replay")

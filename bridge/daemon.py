@@ -257,6 +257,8 @@ class Daemon:
             self.router.stop()
         for r in self.runners.values():
             r.stop()
+        for src in self.sources.values():  # pollers and streams return from run()
+            src.stop()
         # runners bound their own drain by shutdown_timeout; give them a little more, then cancel
         await self.supervisor.stop(self.config.bridge.shutdown_timeout + 5)
 

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from bridge import logging as blog
 from bridge.bus import UNAVAILABLE, BusUnavailable
+from bridge.poller import feed_metric_lines
 
 if TYPE_CHECKING:
     from bridge.daemon import Daemon
@@ -61,6 +62,7 @@ def build_app(daemon: Daemon) -> web.Application:
             lines.append(f'wechat_bridge_dead_total{{sink="{name}"}} {r.dead}')
         for name, c in daemon.supervisor.crashes.items():
             lines.append(f'wechat_bridge_task_crashes_total{{task="{name}"}} {c}')
+        lines += feed_metric_lines(daemon.sources.items())  # polls, items, errors per feed
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     app.router.add_get("/healthz", guarded(healthz))
