@@ -8,9 +8,27 @@ import pytest
 
 from adapters.feeds.oa_articles import ShapeError, parse_body, parse_time
 
-A1 = {"id": "a1", "title": "One", "url": "https://mp.weixin.qq.com/s/a1", "accountName": "Tech", "publishTime": 1700000100}
-A2 = {"articleId": 7, "title": "Two", "link": "https://x/2", "nickname": "Tech", "createdAt": "2023-11-14T22:13:20Z"}
-A3 = {"msgId": "m3", "title": "Three", "contentUrl": "https://x/3", "account": {"name": "Ops"}, "create_time": 1700000000123}
+A1 = {
+    "id": "a1",
+    "title": "One",
+    "url": "https://mp.weixin.qq.com/s/a1",
+    "accountName": "Tech",
+    "publishTime": 1700000100,
+}
+A2 = {
+    "articleId": 7,
+    "title": "Two",
+    "link": "https://x/2",
+    "nickname": "Tech",
+    "createdAt": "2023-11-14T22:13:20Z",
+}
+A3 = {
+    "msgId": "m3",
+    "title": "Three",
+    "contentUrl": "https://x/3",
+    "account": {"name": "Ops"},
+    "create_time": 1700000000123,
+}
 
 
 @pytest.mark.parametrize(

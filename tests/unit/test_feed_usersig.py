@@ -56,7 +56,9 @@ def test_verify_accepts_and_refuses() -> None:
     assert verify_usersig(sig, SDKAPPID, KEY, "xiaojun", now=1700000101) == "expired"
     assert verify_usersig(sig, SDKAPPID + 1, KEY, "xiaojun", now=1700000050) == "sdkappid does not match"
     assert verify_usersig(sig, SDKAPPID, KEY, "other", now=1700000050) == "identifier does not match"
-    assert verify_usersig(sig, SDKAPPID, KEY[:-1] + "f", "xiaojun", now=1700000050) == "signature does not match"
+    assert (
+        verify_usersig(sig, SDKAPPID, KEY[:-1] + "f", "xiaojun", now=1700000050) == "signature does not match"
+    )
     assert verify_usersig("not-a-sig", SDKAPPID, KEY, "xiaojun") is not None
     d = decode_usersig(sig)
     assert (d.identifier, d.sdkappid, d.issued, d.expire) == ("xiaojun", SDKAPPID, 1700000000, 100)
