@@ -388,7 +388,6 @@ class Poller:
         try:
             n = int(await self.redis.hincrby(self.status_key, "consecutive_errors", 1))
             if permanent:
-                self.stopped = message
                 delay = 0.0
             elif retry_after is not None:
                 delay = min(max(retry_after, 0.0), 86_400.0)
@@ -403,6 +402,8 @@ class Poller:
             pipe.hset(self.status_key, mapping=mapping)
             pipe.hincrby(self.status_key, "errors_total", 1)
             await pipe.execute()
+            if permanent:
+                self.stopped = message
         except UNAVAILABLE:
             n, delay = 0, self.opts.backoff_base
             if permanent:

@@ -23,6 +23,8 @@ class FakeFeedServer:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
+        #: faults for given requests, by their number (1 = the first request served)
+        self.fault_at: dict[int, Fault] = {}
         #: seconds each request takes (to make overlapping polls visible)
         self.delay = 0.0
         self.in_flight = 0
@@ -59,4 +61,6 @@ class FakeFeedServer:
                 await asyncio.sleep(self.delay)
         finally:
             self.in_flight -= 1
+        if len(self.requests) in self.fault_at:
+            return self.fault_at.pop(len(self.requests))
         return self.faults.pop(0) if self.faults else None

@@ -79,6 +79,10 @@ async def status(redis: Any, prefix: str, name: str = "oa") -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+async def ok_again(redis: Any, prefix: str) -> bool:
+    return (await status(redis, prefix)).get("consecutive_errors") == "0"
+
+
 async def test_first_sync_pages_to_the_end_then_increments(
     write_config: Any, start_daemon: Any, redis: Any, prefix: str, fake: FakeOAArticlesAPI
 ) -> None:
@@ -193,6 +197,7 @@ async def test_errors_back_off_and_recover_honouring_retry_after(
     ]
     d = await start_daemon(config(write_config, fake))
     await wait_for(lambda: count(redis, prefix, 1))
+    await wait_for(lambda: ok_again(redis, prefix))
     st = await status(redis, prefix)
     assert st["consecutive_errors"] == "0" and int(st["errors_total"]) == 3
     assert "HTTP 429" in st["last_error"]
