@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -38,7 +39,9 @@ async def fake() -> AsyncIterator[FakeXAlertsAPI]:
     await f.stop()
 
 
-def config(write_config: Any, fake: FakeXAlertsAPI, *, backoff: float = 0.05, base: str = "", key: str = "") -> Any:
+def config(
+    write_config: Any, fake: FakeXAlertsAPI, *, backoff: float = 0.05, base: str = "", key: str = ""
+) -> Any:
     return write_config(
         FEED.format(base=base or fake.base, key=key or fake.key, backoff=backoff, backoff_max=backoff * 8)
     )
@@ -74,7 +77,9 @@ async def test_first_sync_pages_to_the_end_then_increments(
     envs = await envelopes(redis, prefix, "x")
     assert len({e.id for e in envs}) == 120
     e = next(e for e in envs if e.raw["tweetText"] == "post 7")
-    assert e.conversation.id == "elonmusk" and e.text.startswith("@elonmusk: post 7\nhttps://x.com/elonmusk/status/")
+    assert e.conversation.id == "elonmusk" and e.text.startswith(
+        "@elonmusk: post 7\nhttps://x.com/elonmusk/status/"
+    )
     # pages are published oldest first within each page
     page1 = [e.raw["createdAt"] for e in envs[:50]]
     assert page1 == sorted(page1)
@@ -141,7 +146,7 @@ async def test_500_backs_off_exponentially_and_recovers(
     d = await start_daemon(config(write_config, fake, backoff=0.2))
     await wait_for(lambda: got(redis, prefix, 1))
     await wait_for(lambda: ok_again(redis, prefix))
-    gaps = [b - a for a, b in zip(stamps, stamps[1:4], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps[:4])]
     # back-off 0.2, 0.4, 0.8 (jitter 0): each wait at least the one before it doubled, within 10 %
     assert gaps[0] >= 0.18 and gaps[1] >= 0.36 and gaps[2] >= 0.72
     st = await status(redis, prefix, "x")
@@ -178,7 +183,13 @@ async def test_rate_limited_403_honours_retry_after(
     ],
 )
 async def test_permanent_errors_stop_the_feed(
-    write_config: Any, start_daemon: Any, redis: Any, prefix: str, fake: FakeXAlertsAPI, setup: str, needle: str
+    write_config: Any,
+    start_daemon: Any,
+    redis: Any,
+    prefix: str,
+    fake: FakeXAlertsAPI,
+    setup: str,
+    needle: str,
 ) -> None:
     fake.alert("nasa", "one")
     base, key = "", ""
@@ -209,7 +220,9 @@ async def test_a_last_key_the_api_refuses_rereads_the_window(
 ) -> None:
     fake.alert("nasa", "one")
     to = int(time.time() * 1000)
-    await redis.set(f"{prefix}:{{lease:feed:x}}:cursor", json.dumps({"from": None, "to": to, "lastKey": "garbage"}))
+    await redis.set(
+        f"{prefix}:{{lease:feed:x}}:cursor", json.dumps({"from": None, "to": to, "lastKey": "garbage"})
+    )
     d = await start_daemon(config(write_config, fake))
     await wait_for(lambda: got(redis, prefix, 1))
     assert fake.requests[0]["query"]["lastKey"] == "garbage" and "lastKey" not in fake.requests[1]["query"]
