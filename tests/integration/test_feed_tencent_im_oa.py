@@ -245,3 +245,23 @@ async def test_queries_per_second_stay_under_the_limit(
     await start_daemon(config(write_config, fake, extra="page_size = 1\nmax_qps = 40"))
     await wait_for(lambda: got(redis, prefix, 100), timeout=30)
     assert fake.over_rate == 0 and len(fake.requests) >= 100
+
+
+async def test_no_key_or_usersig_in_logs(
+    write_config: Any, start_daemon: Any, redis: Any, prefix: str, fake: FakeTencentIM, capsys: Any
+) -> None:
+    from bridge import logging as blog
+
+    fake.post(ACCOUNT, "hello")
+    fake.faults = [Fault(502), Fault(200, {"ActionStatus": "FAIL", "ErrorCode": 10002, "ErrorInfo": "busy"})]
+    d = await start_daemon(config(write_config, fake))
+    await wait_for(lambda: got(redis, prefix, 1))
+    await d.stop()
+    d2 = await start_daemon(config(write_config, fake, key="f" * 64))  # refused: 70009
+    await wait_for(lambda: feed(d2).poller.stopped is not None)
+    blog.flush()
+    logs = capsys.readouterr().err
+    assert "feed.error" in logs and "feed.stopped" in logs
+    sigs = {r["query"]["usersig"] for r in fake.requests}
+    assert sigs and not any(s in logs for s in sigs)
+    assert fake.key not in logs and "f" * 64 not in logs
