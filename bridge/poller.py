@@ -39,7 +39,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -186,6 +186,10 @@ class LeaseLost(Exception):
     """The feed's lease moved on while we polled: stop without committing anything."""
 
 
+class _Stopping(Exception):
+    """The poller was asked to stop during a fetch."""
+
+
 @dataclass
 class Counters:
     polls: int = 0
@@ -283,7 +287,7 @@ class Poller:
             raw = await self.redis.get(self.cursor_key)
             cursor = raw.decode() if raw is not None else None
             while True:
-                page = await self.feed.fetch(cursor)
+                page = await self._unless_stopped(self.feed.fetch(cursor))
                 pages += 1
                 for item in page.items:
                     stored = await self._publish(item) if publish else True
@@ -307,6 +311,8 @@ class Poller:
         except LeaseLost:
             self.log.warning("feed.lease_lost", hint="another instance took the feed; nothing committed")
             return found
+        except _Stopping:  # the daemon stops: the fetch in flight is dropped, nothing was committed
+            return found
         except PermanentFeedError as e:
             await self._failed(str(e), permanent=True, record=publish)
             return found
@@ -326,6 +332,20 @@ class Poller:
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _unless_stopped(self, fetch: Coroutine[Any, Any, Page]) -> Page:
+        """``fetch``, abandoned when the poller is asked to stop (nothing of it is committed yet)."""
+        task = asyncio.ensure_future(fetch)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _Stopping
 
     async def _publish(self, item: FeedItem) -> bool:
         env = make_envelope(

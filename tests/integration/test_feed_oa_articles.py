@@ -164,7 +164,6 @@ async def test_crash_between_publish_and_commit_publishes_nothing_twice(
     cfg = config(write_config, fake, interval=30)
     d2 = await start_daemon(cfg)
     p = feed(d2).poller
-    p.stop()  # drive the poller by hand
     calls = []
 
     async def lost(key: str, value: Any, ttl: int = 0) -> bool:
@@ -179,6 +178,7 @@ async def test_crash_between_publish_and_commit_publishes_nothing_twice(
     assert calls and await redis.get(p.cursor_key) == before  # the cursor did not move
     assert len(await envelopes(redis, prefix)) == 8
     del p.lease.guarded_set
+    assert await p.lease.acquire()  # (kept or re-taken: a lease_ttl of 1 s may have lapsed meanwhile)
     await p.poll(publish=True)  # the same page again: deduplicated, then committed
     assert await redis.get(p.cursor_key) != before
     envs = await envelopes(redis, prefix)
@@ -332,3 +332,15 @@ async def test_status_metrics_and_one_off_poll(
 
     rc, out, err = await asyncio.to_thread(run, "check-config")
     assert rc == 0 and "oa-test-key" not in out
+
+
+async def test_a_stop_drops_a_slow_fetch_and_commits_nothing(
+    write_config: Any, start_daemon: Any, redis: Any, prefix: str, fake: FakeOAArticlesAPI
+) -> None:
+    fake.add("one")
+    fake.delay = 60  # the API hangs
+    d = await start_daemon(config(write_config, fake))
+    await wait_for(lambda: fake.in_flight == 1)
+    await asyncio.wait_for(d.stop(), 20)  # well before timeout (30 s) + shutdown_timeout would end it
+    assert await redis.get(f"{prefix}:{{lease:feed:oa}}:cursor") is None
+    assert await redis.get(f"{prefix}:{{lease:feed:oa}}") is None  # the lease was released

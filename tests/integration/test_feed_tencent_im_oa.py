@@ -183,7 +183,6 @@ async def test_an_expired_usersig_is_regenerated(
     await wait_for(lambda: got(redis, prefix, 1))
     f = feed(d)
     p = f.poller
-    p.stop()  # drive polls by hand from here
     first = fake.requests[0]["query"]["usersig"]
     f._sig = ("stale", 0.0)  # type: ignore[attr-defined]  # due for renewal
     fake.post(ACCOUNT, "again")
@@ -196,6 +195,7 @@ async def test_an_expired_usersig_is_regenerated(
     fake.faults = [Fault(200, {"ActionStatus": "FAIL", "ErrorCode": 70001, "ErrorInfo": "usersig expired"})]
     fake.post(ACCOUNT, "third")
     n = len(fake.requests)
+    assert await p.lease.acquire()
     await p.poll(publish=True)
     assert await got(redis, prefix, 3)
     assert len(fake.requests) == n + 2  # refused, then at once again with a new UserSig
