@@ -275,8 +275,9 @@ class Poller:
         self, *, publish: bool, on_item: Callable[[FeedItem, bool], None] | None = None, max_pages: int = 0
     ) -> int:
         """One poll under the lease (the caller holds it): fetch pages from the checkpoint, publish
-        and commit each (``publish``), or only report them (``on_item``). Errors are recorded and
-        scheduled, never raised (except LeaseLost handling, which just returns). Returns the items found."""
+        and commit each (``publish``), or only report them (``on_item``: nothing is written then).
+        Errors are recorded and scheduled, never raised; a lost lease or a stop ends the poll with
+        nothing more committed. Returns how many items were found."""
         fence = self.lease.fence
         keeper = asyncio.create_task(self._keep_lease())
         found = 0
