@@ -27,6 +27,6 @@ SINKS: dict[str, str] = {
 
 #: sub-commands of ``wechat-bridge`` the adapters contribute: name → module with configure() and run()
 COMMANDS: dict[str, str] = {
-    "simulate": "adapters.simulate",
+    "simulate": "adapters.wechat.simulate",
     "wecom": "adapters.wecom.cli",
 }

@@ -2,7 +2,7 @@
 
     XREADGROUP a batch → POST each entry (same HTTP client, same concurrency) → XACK the batch
 
-The client is the ``http`` sink's own (adapters/generic/http1.py) unless ``--client aiohttp``
+The client is the ``http`` sink's own (bridge/http1.py) unless ``--client aiohttp``
 (the daemon's aiohttp session settings: what a user would write with aiohttp).
 
 Durable (an entry is acked only after its POST succeeded; a crash re-reads the pending ones) and
@@ -22,7 +22,8 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from adapters.generic.http1 import Http1Pool
+from bridge.bus import Field
+from bridge.http1 import Http1Pool
 
 
 async def relay(
@@ -69,7 +70,7 @@ async def relay(
             if not res:
                 continue
             entries = res[0][1]
-            await asyncio.gather(*(post(f[b"e"]) for _, f in entries))
+            await asyncio.gather(*(post(f[Field.ENVELOPE.key]) for _, f in entries))
             await r.xack(stream, "base", *[eid for eid, _ in entries])
     finally:
         await session.close()

@@ -155,7 +155,7 @@ def leave_out(parts: set[str]) -> None:
 
         Context.publish = unstored  # type: ignore[method-assign]
     if "handler" in parts:
-        from adapters.wechat_inbound import read_body
+        from adapters.wechat.callback import read_body
         from adapters.wecom.app_callback import WeComAppSource
 
         async def answer(self: Any, request: web.Request, query: Any) -> web.Response:

@@ -11,7 +11,7 @@ Against, in the same run, each its own single process on the same event loop:
   decrypt, parse, dedupe and durable publish to Redis (one Lua call) before answering; the router
   consumes the inbound stream as in production (no routes: it reads and acks).
 
-Requests are generated before each server's turn with adapters/wechat_crypto.py (fresh timestamps,
+Requests are generated before each server's turn with adapters/wechat/crypto.py (fresh timestamps,
 every MsgId unique), so the generator only replays bytes: **peak** with wrk (closed loop, ``-c``
 connections, bench/ingest_wrk.lua), then **half of c's peak** with bench/loadgen.py (open loop, a
 fixed rate; latency counted from each request's due time). Reports req/s, p50/p99, c/a and c/b, the
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.wechat_crypto import WXBizMsgCrypt
+from adapters.wechat.crypto import WXBizMsgCrypt
 from bench import profile
 from bench.common import (
     DEFAULT_REDIS,

@@ -17,8 +17,9 @@ import asyncio
 import time
 from typing import Any
 
-from bridge.bus import _PUBLISH, Keys
+from bridge.bus import Keys
 from bridge.envelope import Conversation, Envelope, Sender, encode, stable_id
+from bridge.scripts import PUBLISH_MANY
 
 
 def envelope(source: str, n: int, conversations: int, run: str) -> Envelope:
@@ -49,7 +50,8 @@ def envelope(source: str, n: int, conversations: int, run: str) -> Envelope:
 
 
 def publish_args(keys: Keys, env: Envelope, maxlen: int, ttl: int = 86_400) -> tuple[list[str], list[Any]]:
-    return [keys.inbound, keys.seen(env.source, env.id)], [encode(env), ttl, maxlen]
+    """KEYS and ARGV of publish_many.lua for one envelope (the bus batches several in one call)."""
+    return [keys.inbound, keys.seen(env.source, env.id)], [maxlen, encode(env), ttl]
 
 
 def prefill(
@@ -68,7 +70,7 @@ def prefill(
 
     keys = Keys(prefix)
     r = redis.Redis.from_url(redis_url)
-    script = r.register_script(_PUBLISH)
+    script = r.register_script(PUBLISH_MANY)
     t0 = time.perf_counter()
     try:
         for start in range(0, n, 1000):
@@ -93,7 +95,7 @@ async def open_loop(
 
     keys = Keys(prefix)
     r = aioredis.Redis.from_url(redis_url)
-    sha = await r.script_load(_PUBLISH)  # then EVALSHA in pipelines: one round trip a tick
+    sha = await r.script_load(PUBLISH_MANY)  # then EVALSHA in pipelines: one round trip a tick
     n = 0
     total = int(rate * seconds)
     t0 = time.perf_counter()

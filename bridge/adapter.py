@@ -1,4 +1,4 @@
-"""The two adapter protocols (Source, Sink), their errors, and the registry.
+"""The two adapter protocols (Source, Sink) and the registry (their errors: bridge.errors).
 
 A **Source** turns a platform's traffic into envelopes: it declares HTTP routes into the daemon's one
 aiohttp app, or runs one long-lived task the daemon supervises, or both. It publishes through
@@ -11,34 +11,23 @@ A **Sink** sends one delivery and returns the remote id, raising :class:`Retryab
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
 from bridge import logging as blog
+from bridge import transport
 from bridge.bus import Bus
-from bridge.config import Config, ConfigError, Rate, convert
+from bridge.config import Config, Rate, convert
+from bridge.egress import Egress
 from bridge.envelope import Delivery, Envelope
-
-
-class SendError(Exception):
-    """Base of the errors a sink raises. The message becomes the dead letter's reason: make it say
-    what to fix, and never put a secret in it."""
-
-
-class RetryableError(SendError):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PermanentError(SendError):
-    pass
+from bridge.errors import ConfigError
 
 
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -65,6 +54,8 @@ class Context:
     instance: str
     data_dir: Path
     http: Callable[[], aiohttp.ClientSession]
+    #: the one check for URLs a payload names (response_url, attachments): bridge/egress.py
+    egress: Egress = field(default_factory=Egress)
     log: Any = field(default_factory=lambda: blog.get("adapter"))
 
     async def publish(
@@ -72,6 +63,11 @@ class Context:
     ) -> bool:
         """Durably store an envelope; False for a duplicate. Raises BusUnavailable (→ 503)."""
         return await self.bus.publish(env, dedupe_key, dedupe_ttl)
+
+    def poster(self, url: str, headers: Sequence[tuple[str, str]] = ()) -> transport.Poster:
+        """A client that POSTs to ``url`` with ``headers`` (bridge/transport.py): the small
+        HTTP/1.1 client for plain ``http://``, else aiohttp's on :attr:`http`. The caller closes it."""
+        return transport.poster(url, headers, self.http)
 
     def state_key(self, adapter: str, key: str) -> str:
         return self.bus.keys.state(adapter, key)
@@ -127,21 +123,50 @@ class Source(Adapter):
         """Ask ``run`` to return soon: the daemon is stopping (called before it waits for its tasks)."""
 
 
-class SendContext:
-    """Per-delivery help for a sink: progress of split deliveries, and answers that go home."""
+class DeliveryServices(Protocol):
+    """What a sink may ask of the runner sending its delivery (the runner implements it)."""
 
-    def __init__(self, delivery: Delivery, runner: Any) -> None:
+    async def parts_sent(self, d: Delivery) -> int: ...
+
+    async def part_sent(self, d: Delivery, n: int) -> None: ...
+
+    async def charge_part(self, d: Delivery, deadline: float, progress: str) -> None: ...
+
+    async def draft(self, envelope_id: str, text: str) -> None: ...
+
+    async def reply(self, d: Delivery, text: str, *, seq: int, format: str, **fields: Any) -> bool: ...
+
+
+class SendContext:
+    """Per-delivery help for a sink: progress of split deliveries, their quota, answers that go home.
+
+    One is made for each attempt. ``budget``: seconds the attempt may spend waiting for quota
+    (:meth:`charge_part`) before it yields to the runner (which keeps its claim on the delivery
+    for twice that).
+    """
+
+    def __init__(self, delivery: Delivery, runner: DeliveryServices, *, budget: float = 300.0) -> None:
         self.delivery = delivery
         self._runner = runner
+        self.deadline = time.monotonic() + budget
 
     async def parts_sent(self) -> int:
         """How many parts of this delivery a previous attempt already sent."""
-        n: int = await self._runner.parts_sent(self.delivery)
-        return n
+        return await self._runner.parts_sent(self.delivery)
 
     async def part_sent(self, n: int) -> None:
         """Record that parts ``0..n-1`` are sent, so a retry starts at part ``n``."""
         await self._runner.part_sent(self.delivery, n)
+
+    async def charge_part(self, progress: str) -> None:
+        """Take the rate quota of one more part of this delivery (the attempt paid for its first).
+
+        Charges the runner's rate keys for this delivery (the sink's, the recipient's): every part
+        is a message the platform counts. Waits for quota here while the attempt stays within its
+        budget; past it raises :class:`RetryableError` (with the wait as ``retry_after``) and the
+        next attempt goes on from the parts recorded. ``progress`` starts that error's message.
+        """
+        await self._runner.charge_part(self.delivery, self.deadline, progress)
 
     @property
     def origin_envelope_id(self) -> str:
@@ -152,12 +177,11 @@ class SendContext:
     async def draft(self, text: str) -> None:
         """Publish the answer so far (streamed deltas) for the origin message; sources that stream
         replies (the WeCom AI bot) show it before the final reply arrives."""
-        await self._runner.ctx.set_draft(self.origin_envelope_id, text)
+        await self._runner.draft(self.origin_envelope_id, text)
 
     async def reply(self, text: str, *, seq: int = 0, format: str = "text", **fields: Any) -> bool:
         """Publish the sink's answer as an inbound envelope of kind ``reply`` (routed home)."""
-        ok: bool = await self._runner.reply(self.delivery, text, seq=seq, format=format, **fields)
-        return ok
+        return await self._runner.reply(self.delivery, text, seq=seq, format=format, **fields)
 
 
 class Sink(Adapter):

@@ -6,7 +6,8 @@ every key one script touches lives in one slot):
 ====================================  =========================================================
 ``P:{inbound}``                       stream: every envelope the inbound adapters accepted
 ``P:{inbound}:seen:<source>:<key>``   dedupe marker (platform message id), value = stream id
-``P:{out:<sink>}``                    stream: deliveries for one sink
+``P:{out:<sink>}``                    stream: deliveries for one sink (its partition 0)
+``P:{out:<sink>}:p<n>``               stream: partition n ≥ 1 of the sink's deliveries (by conversation)
 ``P:{out:<sink>}:mark:<delivery>``    idempotency marker: ``owner`` while sending, ``done:<remote id>`` after
 ``P:{out:<sink>}:parts:<delivery>``   how many parts of a split delivery were sent
 ``P:{out:<sink>}:rl:<n>``             GCRA state of the sink's n-th rate
@@ -15,16 +16,21 @@ every key one script touches lives in one slot):
 ``P:{state}:<adapter>:<key>``         small adapter state (tokens, cursors)
 ``P:{draft}:<envelope>``              the reply to an envelope so far (streamed answers), short TTL
 ``P:{lease:<name>}``                  a fenced lease ``<owner>|<fence>`` (``…:fence``: its counter)
+``P:{members}``                       sorted set: live instances → last heartbeat (unix ms)
 ====================================  =========================================================
 
 Consumer groups: ``router`` on the inbound stream, ``runner`` on each out stream; consumer names are
-``<instance>`` so a restarted instance first drains its own pending entries.
+``<instance>`` so a restarted instance first drains its own pending entries. Entry fields:
+:class:`Field`. The scripts the bus runs (``publish_many.lua``, ``add_deliveries.lua``) are wrapped in
+:mod:`bridge.scripts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,8 +40,40 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.envelope import Delivery, Envelope, encode
+from bridge.errors import BusUnavailable
+from bridge.scripts import Publish, Scripts
 
 T = TypeVar("T")
+
+
+class Field(enum.StrEnum):
+    """The fields of stream entries, named once (the Lua scripts write ``e``, ``d`` and ``i`` too).
+
+    ``Field.X`` is the name to write (a str); ``Field.X.key`` the key of an entry redis-py read
+    (bytes).
+    """
+
+    #: inbound stream: the envelope (JSON)
+    ENVELOPE = "e"
+    #: out streams and dead letters: the delivery (JSON) — in a dead letter, the undecodable payload
+    DELIVERY = "d"
+    #: out streams: the delivery's id (the runner finds its idempotency marker by it)
+    DELIVERY_ID = "i"
+    #: dead letters: why it was given up
+    REASON = "reason"
+    #: dead letters: the stream it came from (``inbound`` or ``out:<sink>``)
+    FROM = "from"
+    #: dead letters: how many sends were tried
+    ATTEMPTS = "attempts"
+    #: dead letters: the instance that gave up
+    INSTANCE = "instance"
+    #: dead letters: when (unix seconds)
+    AT = "at"
+
+    @property
+    def key(self) -> bytes:
+        return self.value.encode()
+
 
 ROUTER_GROUP = "router"
 RUNNER_GROUP = "runner"
@@ -69,71 +107,34 @@ def connect(url: str, socket_timeout: float = 3.0) -> Any:
 _PACKING: dict[type, type] = {}
 
 
-def _hiredis_packing(cls: type) -> type:
-    """``cls`` packing commands with hiredis (C) instead of redis-py's Python loop.
+def hiredis_pack(self: Any, *args: Any) -> list[bytes]:
+    """A connection's ``pack_command`` by hiredis (C): the bytes redis-py's own Python loop makes.
 
-    redis-py's asyncio connection packs every argument in Python (about a microsecond each: a
-    few percent of the relay's CPU, whose Lua calls carry hundreds of arguments); hiredis packs
-    the same bytes. Without hiredis' packer, ``cls`` itself.
+    A speed hack on a private redis-py API, fenced: redis-py's ``pack_command`` stays the
+    reference, tests/unit/test_hiredis_packing.py checks both give the same bytes for many argument
+    shapes (hypothesis) and fails loudly when redis-py's connection class no longer has the method
+    this overrides or no longer packs pipelines through it. Kept because the relay's Lua calls
+    carry hundreds of arguments each (the figures are in bench/RESULTS.md).
     """
+    from hiredis import pack_command
+
+    head = args[0]  # "CONFIG GET": separate words, split exactly as redis-py splits them
+    if isinstance(head, str):
+        args = (*head.encode().split(), *args[1:])
+    elif b" " in head:
+        args = (*head.split(), *args[1:])
+    return [pack_command(args)]
+
+
+def _hiredis_packing(cls: type) -> type:
+    """``cls`` packing commands with :func:`hiredis_pack` (``cls`` itself without hiredis)."""
     try:
-        from hiredis import pack_command
+        import hiredis  # noqa: F401
     except ImportError:  # pragma: no cover - hiredis is a dependency (redis[hiredis])
         return cls
     if cls not in _PACKING:
-
-        def pack(self: Any, *args: Any) -> list[bytes]:
-            head = args[0]  # "CONFIG GET": separate words, as redis-py does
-            if (isinstance(head, str) and " " in head) or (isinstance(head, bytes) and b" " in head):
-                args = (*head.split(), *args[1:])
-            return [pack_command(args)]
-
-        _PACKING[cls] = type(f"HiredisPacking{cls.__name__}", (cls,), {"pack_command": pack})
+        _PACKING[cls] = type(f"HiredisPacking{cls.__name__}", (cls,), {"pack_command": hiredis_pack})
     return _PACKING[cls]
-
-
-class BusUnavailable(Exception):
-    """Redis did not take the write; nothing was accepted."""
-
-
-_PUBLISH = """
--- KEYS[1] stream, KEYS[2] dedupe marker (ignored when ARGV[2] == '0')
--- ARGV[1] payload, ARGV[2] dedupe ttl seconds, ARGV[3] maxlen
-if ARGV[2] ~= '0' then
-  local seen = redis.call('GET', KEYS[2])
-  if seen then return {0, seen} end
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
-if ARGV[2] ~= '0' then redis.call('SET', KEYS[2], id, 'EX', ARGV[2]) end
-return {1, id}
-"""
-
-_PUBLISH_MANY = """
--- _PUBLISH for a batch, in order. KEYS[1] stream; KEYS[1+i] envelope i's dedupe marker
--- ARGV[1] maxlen; ARGV[2i] envelope i, ARGV[2i+1] its dedupe ttl ('0': no dedupe)
--- returns one flag per envelope: 1 stored, 0 a duplicate
-local out = {}
-for i = 1, #KEYS - 1 do
-  local ttl = ARGV[2 * i + 1]
-  if ttl ~= '0' and redis.call('EXISTS', KEYS[1 + i]) == 1 then
-    out[i] = 0
-  else
-    local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2 * i])
-    if ttl ~= '0' then redis.call('SET', KEYS[1 + i], id, 'EX', ttl) end
-    out[i] = 1
-  end
-end
-return out
-"""
-
-_ADD_MANY = """
--- KEYS[1] a sink's stream; ARGV[1] maxlen; ARGV[2..] (delivery id, delivery) pairs, added in order.
--- Each entry: d = the delivery, i = its id (the runner's read finds the delivery's marker by it).
-for i = 2, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[i + 1], 'i', ARGV[i])
-end
-return (#ARGV - 1) / 2
-"""
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,15 @@ class Keys:
 
     def out(self, sink: str) -> str:
         return f"{self.prefix}:{{out:{sink}}}"
+
+    def partition(self, sink: str, n: int) -> str:
+        """Partition ``n`` of a sink's stream; partition 0 is :meth:`out` itself (bridge/partitions.py)."""
+        return self.out(sink) if n == 0 else f"{self.prefix}:{{out:{sink}}}:p{n}"
+
+    @property
+    def members(self) -> str:
+        """Live instances: a sorted set, instance → last heartbeat (unix ms)."""
+        return f"{self.prefix}:{{members}}"
 
     def mark(self, sink: str, delivery_id: str) -> str:
         return f"{self.prefix}:{{out:{sink}}}:mark:{delivery_id}"
@@ -188,6 +198,12 @@ class Keys:
 
 Entry = tuple[str, dict[bytes, bytes]]
 
+
+def partition_of(conversation: str, n: int) -> int:
+    """The partition (0 ≤ p < n) a conversation's deliveries go to: stable across processes."""
+    return zlib.crc32(conversation.encode()) % n if n > 1 else 0
+
+
 #: seconds a publish waits after the previous publish call went out, so that close ones go together
 PUBLISH_LINGER = 0.001
 
@@ -207,14 +223,14 @@ class Bus:
         self.maxlen = maxlen
         self.dead_maxlen = dead_maxlen
         self.dedupe_ttl = dedupe_ttl
-        self._publish = redis.register_script(_PUBLISH)
-        self._publish_many = redis.register_script(_PUBLISH_MANY)
+        self.scripts = Scripts(redis)
+        #: partitions per sink (bridge/partitions.py); a sink not named here has one, its stream
+        self.partitions: dict[str, int] = {}
         #: publishes waiting for the batch on the wire to come back: (marker, payload, ttl, future)
         self._queue: list[tuple[str, bytes, int, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
         #: loop time the last publish call went out (see PUBLISH_LINGER)
         self._last_flush = -1.0
-        self._add_many = redis.register_script(_ADD_MANY)
 
     async def publish(
         self, env: Envelope, dedupe_key: str | None = None, dedupe_ttl: int | None = None
@@ -226,9 +242,9 @@ class Bus:
         when none is on the wire; publishes made while one is on the wire go together in the next
         call (one round trip for all of them, in order), so under load a callback costs a fraction
         of a round trip and alone it costs one. Publishes following each other closely wait until
-        :data:`PUBLISH_LINGER` after the previous call went out, to go together: a steady 2,000
-        callbacks a second then cost a fifth of a round trip each instead of one, for ≤ 1 ms more
-        latency (bench/RESULTS.md); an occasional publish goes out at once.
+        :data:`PUBLISH_LINGER` after the previous call went out, to go together: under a steady
+        stream of callbacks each then costs a fraction of a round trip, for at most the linger in
+        added latency (measured in bench/RESULTS.md); an occasional publish goes out at once.
         """
         ttl = self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl
         marker = self.keys.seen(env.source, dedupe_key) if dedupe_key else self.keys.inbound
@@ -249,15 +265,9 @@ class Bus:
                         await asyncio.sleep(wait)
                     batch, self._queue = self._queue, []
                     self._last_flush = loop.time()
-                    keys = [self.keys.inbound]
-                    args: list[Any] = [self.maxlen]
-                    for marker, payload, ttl, _ in batch:
-                        keys.append(marker)
-                        args += [payload, ttl]
-                    res = await self._publish_many(keys=keys, args=args)
-                    flags = [bool(int(x)) for x in res]
-                    if len(flags) != len(batch):
-                        raise RuntimeError(f"publish: {len(flags)} answers for {len(batch)} envelopes")
+                    flags = await self.scripts.publish_many(
+                        self.keys.inbound, self.maxlen, [Publish(m, p, ttl) for m, p, ttl, _ in batch]
+                    )
                 except asyncio.CancelledError:
                     for *_, fut in batch + self._queue:
                         fut.cancel()
@@ -303,9 +313,8 @@ class Bus:
             )
 
         def before(pipe: Any) -> None:
-            for sink, payloads in self._by_sink(write).items():
-                # EVAL, not EVALSHA: a pipeline cannot reload a script Redis lost (a restart)
-                pipe.eval(_ADD_MANY, 1, self.keys.out(sink), self.maxlen, *payloads)
+            for stream_key, pairs in self._by_stream(write).items():
+                Scripts.queue_add_deliveries(pipe, stream_key, self.maxlen, pairs)
             if ack:
                 pipe.xack(stream, group, *ack)
 
@@ -374,19 +383,31 @@ class Bus:
         if ids:
             await self.redis.xack(stream, group, *ids)
 
-    def deliveries_pipeline(self, deliveries: Sequence[Delivery], pipe: Any) -> None:
-        for d in deliveries:
-            pipe.xadd(
-                self.keys.out(d.sink), {"d": encode(d), "i": d.id}, maxlen=self.maxlen, approximate=True
-            )
+    def out_streams(self, sink: str) -> list[str]:
+        """Every partition stream of ``sink`` (one, its stream, when it is not partitioned)."""
+        return [self.keys.partition(sink, n) for n in range(self.partitions.get(sink, 1))]
 
-    @staticmethod
-    def _by_sink(deliveries: Sequence[Delivery]) -> dict[str, list[str | bytes]]:
-        """Per sink, the (delivery id, delivery) pairs _ADD_MANY takes, flat."""
-        by_sink: dict[str, list[str | bytes]] = {}
+    async def out_pending(self, sink: str, redis: Any = None) -> int:
+        """Entries of ``sink`` read and not yet acked, over all its partitions."""
+        r = redis or self.redis
+        total = 0
+        for s in self.out_streams(sink):
+            total += int((await r.xpending(s, RUNNER_GROUP))["pending"])
+        return total
+
+    def stream_of(self, d: Delivery) -> str:
+        """The stream ``d`` goes to: its sink's partition of its conversation."""
+        n = self.partitions.get(d.sink, 1)
+        if n <= 1:
+            return self.keys.out(d.sink)
+        return self.keys.partition(d.sink, partition_of(d.conversation or d.envelope.conversation.id, n))
+
+    def _by_stream(self, deliveries: Sequence[Delivery]) -> dict[str, list[tuple[str, bytes]]]:
+        """Per stream, in order, the (delivery id, encoded delivery) pairs add_deliveries.lua takes."""
+        by_stream: dict[str, list[tuple[str, bytes]]] = {}
         for d in deliveries:
-            by_sink.setdefault(d.sink, []).extend((d.id, encode(d)))
-        return by_sink
+            by_stream.setdefault(self.stream_of(d), []).append((d.id, encode(d)))
+        return by_stream
 
     async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         """Append deliveries to their sinks' streams, in order: one Lua call per sink (one slot each).
@@ -394,19 +415,19 @@ class Bus:
         Packing one call with many payloads costs a few microseconds a delivery; a pipeline of XADDs
         costs redis-py tens of microseconds a command.
         """
-        for sink, payloads in self._by_sink(deliveries).items():
-            await self._add_many(keys=[self.keys.out(sink)], args=[self.maxlen, *payloads])
+        for stream_key, pairs in self._by_stream(deliveries).items():
+            await self.scripts.add_deliveries(stream_key, self.maxlen, pairs)
 
     async def dead_letter(
         self, payload: bytes, *, reason: str, origin: str, attempts: int, instance: str, pipe: Any = None
     ) -> None:
         fields: dict[str, Any] = {
-            "d": payload,
-            "reason": reason,
-            "from": origin,
-            "attempts": attempts,
-            "instance": instance,
-            "at": f"{time.time():.3f}",
+            Field.DELIVERY: payload,
+            Field.REASON: reason,
+            Field.FROM: origin,
+            Field.ATTEMPTS: attempts,
+            Field.INSTANCE: instance,
+            Field.AT: f"{time.time():.3f}",
         }
         if pipe is not None:
             pipe.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)

@@ -19,11 +19,13 @@ import msgspec
 
 from bridge import logging as blog
 from bridge.adapter import Registry
-from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Keys, connect
-from bridge.config import Config, ConfigError, load, masked
-from bridge.embedded_redis import EmbeddedRedisError, client_url
+from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Field, Keys, connect
+from bridge.config import Config, load
+from bridge.embedded_redis import client_url
 from bridge.envelope import Conversation, Sender, decode_delivery, make_envelope
+from bridge.errors import ConfigError, EmbeddedRedisError
 from bridge.poller import configure_poll, feed_status, is_feed, poll_once
+from bridge.redact import masked
 
 #: a sub-command contributed by the adapters: (configure its parser, run it)
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Config], int]]
@@ -38,7 +40,14 @@ def _redis(cfg: Config) -> Any:
 
 
 def _bus(cfg: Config, r: Any) -> Bus:
-    return Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
+    bus = Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
+    bus.partitions = {o.name: o.partitions for o in cfg.outbound}
+    return bus
+
+
+def _entry_order(entry: tuple[Any, Any]) -> tuple[int, int]:
+    ms, _, seq = entry[0].decode().partition("-")
+    return int(ms), int(seq or 0)
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
@@ -81,14 +90,17 @@ def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
 async def _tail(cfg: Config, stream: str, count: int) -> int:
     r = _redis(cfg)
     try:
-        key = Keys(cfg.redis.prefix).stream(stream)
-        entries = await r.xrevrange(key, count=count)
-        for eid, fields in reversed(entries):
+        keys = [Keys(cfg.redis.prefix).stream(stream)]
+        if stream.startswith("out:"):  # every partition of the sink, merged by entry id
+            keys = _bus(cfg, r).out_streams(stream[4:])
+        entries = [e for key in keys for e in await r.xrevrange(key, count=count)]
+        entries = sorted(entries, key=_entry_order)[-count:]
+        for eid, fields in entries:
             row: dict[str, Any] = {"id": eid.decode()}
             for k, v in fields.items():
                 name = k.decode()
                 try:
-                    row[name] = json.loads(v) if name in ("e", "d") else v.decode()
+                    row[name] = json.loads(v) if name in (Field.ENVELOPE, Field.DELIVERY) else v.decode()
                 except (ValueError, UnicodeDecodeError):
                     row[name] = v.decode(errors="replace")
             print(json.dumps(row, ensure_ascii=False))
@@ -133,7 +145,11 @@ async def _status(cfg: Config, registry: Registry | None = None) -> int:
     out: dict[str, Any] = {"instance": cfg.bridge.instance, "streams": {}}
     try:
         streams = [("inbound", keys.inbound, ROUTER_GROUP), ("dead", keys.dead, None)]
-        streams += [(f"out:{o.name}", keys.out(o.name), RUNNER_GROUP) for o in cfg.outbound]
+        streams += [
+            (f"out:{o.name}" + (f":p{n}" if n else ""), keys.partition(o.name, n), RUNNER_GROUP)
+            for o in cfg.outbound
+            for n in range(o.partitions)
+        ]
         for name, key, group in streams:
             row: dict[str, Any] = {"length": await r.xlen(key)}
             if group:
@@ -185,7 +201,7 @@ async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
             print(f"error: no dead letter {', '.join(i for i in ids if i not in found)}", file=sys.stderr)
             return 1
         for eid, fields in entries:
-            raw = fields.get(b"d", b"")
+            raw = fields.get(Field.DELIVERY.key, b"")
             try:
                 d = decode_delivery(raw)
             except ValueError:
@@ -196,8 +212,10 @@ async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
                 continue
             pipe = r.pipeline(transaction=False)
             pipe.delete(keys.mark(d.sink, d.id))
-            fields = {"d": raw, "i": d.id}
-            pipe.xadd(keys.out(d.sink), fields, maxlen=cfg.redis.stream_maxlen, approximate=True)
+            fields = {Field.DELIVERY: raw, Field.DELIVERY_ID: d.id}
+            # to its conversation's partition, after what is queued there (bridge/partitions.py)
+            stream = _bus(cfg, r).stream_of(d)
+            pipe.xadd(stream, fields, maxlen=cfg.redis.stream_maxlen, approximate=True)
             pipe.xdel(keys.dead, eid)
             await pipe.execute()
             replayed += 1

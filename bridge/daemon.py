@@ -8,7 +8,9 @@ import gc
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -17,21 +19,35 @@ from aiohttp import web
 from bridge import logging as blog
 from bridge.adapter import Context, Registry, Sink, Source
 from bridge.bus import UNAVAILABLE, Bus, Keys, connect
-from bridge.config import Config
+from bridge.config import Config, load
+from bridge.egress import Egress
 from bridge.embedded_redis import EmbeddedRedis
+from bridge.errors import ConfigError
+from bridge.files import private_dir
+from bridge.lease import Lease
+from bridge.listener import Listener, install_accept_guard
+from bridge.partitions import Members, Partitions, SinkRunners, Worker
+from bridge.poller import feed_metric_lines
 from bridge.router import Router
-from bridge.runner import Runner
-from bridge.web import build_app
+from bridge.web import Counters, build_admin_app, build_app
 
 log = blog.get("daemon")
 
 T = TypeVar("T")
 
+#: a supervised task's first restart delay; it doubles per failure up to BACKOFF_MAX, and starts
+#: over when the task had run BACKOFF_RESET seconds before failing
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 30.0
+BACKOFF_RESET = 10.0
+Undo = Callable[[], Awaitable[object]]
+
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when it is installed (``pip install 'wechat-bridge[uvloop]'``), else on
-    asyncio's own loop. uvloop takes about a third less CPU per message on the relay and ingest paths
-    (bench/RESULTS.md). ``WECHAT_BRIDGE_LOOP=asyncio`` forces asyncio's loop, ``=uvloop`` requires uvloop.
+    asyncio's own loop: uvloop spends less CPU per message on the relay and ingest paths (figures in
+    bench/RESULTS.md). ``WECHAT_BRIDGE_LOOP=asyncio`` forces asyncio's loop (the reference: every test
+    runs on it), ``=uvloop`` requires uvloop.
     """
     choice = os.environ.get("WECHAT_BRIDGE_LOOP", "auto").strip().lower() or "auto"
     if choice not in ("auto", "asyncio", "uvloop"):
@@ -67,8 +83,14 @@ def sd_notify(message: str) -> bool:
         return False
 
 
+async def _unfreeze_gc() -> None:
+    gc.unfreeze()
+
+
 class Supervisor:
-    """Starts background tasks, keeps references, restarts a crashed one with backoff."""
+    """The one way the daemon starts a background task: it keeps a reference (a task nobody holds
+    may be collected mid-flight), logs a crash with the task's name and count, restarts it with
+    back-off, and stops them all."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -80,8 +102,10 @@ class Supervisor:
         self.tasks[name] = asyncio.create_task(self._keep(name, factory, restart), name=name)
 
     async def _keep(self, name: str, factory: Callable[[], Awaitable[None]], restart: bool) -> None:
-        delay = 0.5
+        delay = BACKOFF_FIRST
         while True:
+            started = time.monotonic()
+            redis_down = False
             try:
                 await factory()
                 if self.stopping or not restart:
@@ -90,17 +114,28 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except UNAVAILABLE as e:
-                log.warning("task.redis_unavailable", task=name, error=str(e), retry_in=delay)
+                redis_down = True
+                delay = self._fresh(delay, started)
+                log.warning("task.redis_unavailable", task=name, error=str(e), retry_in=min(delay, 1.0))
             except Exception:
+                delay = self._fresh(delay, started)
                 self.crashes[name] = self.crashes.get(name, 0) + 1
-                log.exception("task.crashed", task=name, restart_in=delay)
+                log.exception("task.crashed", task=name, crashes=self.crashes[name], restart_in=delay)
             if self.stopping or not restart:
                 return
+            # Redis being down is retried at least every second, so work resumes within a second
+            # of its return; a crash (a bug) backs off up to BACKOFF_MAX
+            wait = min(delay, 1.0) if redis_down else delay
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)  # a stop cuts the back-off short
+                await asyncio.wait_for(self._stop.wait(), wait)  # a stop cuts the back-off short
             if self.stopping:
                 return
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    @staticmethod
+    def _fresh(delay: float, started: float) -> float:
+        """The back-off starts over when the task ran BACKOFF_RESET before failing (a new failure)."""
+        return BACKOFF_FIRST if time.monotonic() - started >= BACKOFF_RESET else delay
 
     def cancel(self, name: str) -> None:
         task = self.tasks.pop(name, None)
@@ -119,7 +154,65 @@ class Supervisor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One named piece of start-up. ``run`` does it and registers, with :meth:`Lifecycle.on_stop`,
+    how to undo what it made, as soon as it made it."""
+
+    name: str
+    run: Callable[[], Awaitable[None]]
+
+
+class Lifecycle:
+    """Runs start-up steps in order and their undos in reverse (mautrix's startup and shutdown
+    actions, as one list): when step k fails, what steps 1..k registered is undone, last first, and
+    the error goes on; :meth:`stop` undoes everything. An undo that fails is logged and the others
+    still run: a stop always finishes."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, str, Undo]] = []  # (step, what, action)
+        self._step = ""
+
+    def on_stop(self, what: str, action: Undo) -> None:
+        """Register ``action`` to run at stop (or when a later step fails), before those already
+        registered."""
+        self._undo.append((self._step, what, action))
+
+    @property
+    def pending(self) -> list[str]:
+        """What a stop would undo, in the order it would (for status and tests)."""
+        return [what for _, what, _ in reversed(self._undo)]
+
+    async def start(self, steps: Iterable[Step]) -> None:
+        for step in steps:
+            self._step = step.name
+            try:
+                await step.run()
+            except BaseException as e:
+                if isinstance(e, ConfigError):  # the message says it all; no traceback
+                    log.error("daemon.step_failed", step=step.name, error=str(e))
+                else:
+                    log.error("daemon.step_failed", step=step.name, error=type(e).__name__, exc_info=True)
+                await self.stop()
+                raise
+            log.debug("daemon.step_done", step=step.name)
+        self._step = ""
+
+    async def stop(self) -> None:
+        while self._undo:
+            step, what, action = self._undo.pop()
+            log.debug("daemon.undo", what=what, step=step)
+            try:
+                await action()
+            except Exception:
+                log.exception("daemon.shutdown_step_failed", step=what, started_by=step)
+
+
 class Daemon:
+    """The bridge in one process. Start-up is :meth:`steps`, run in order by a :class:`Lifecycle`;
+    a new long-running piece is one more step (start it with ``self.supervisor.spawn``, which also
+    stops it) or a source with ``long_running = True``."""
+
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry or Registry.from_module()
@@ -129,33 +222,63 @@ class Daemon:
         self.bus: Bus | None = None
         self.sources: dict[str, Source] = {}
         self.sinks: dict[str, Sink] = {}
-        self.runners: dict[str, Runner] = {}
+        self.runners: dict[str, SinkRunners] = {}
+        #: the router while this instance holds the ``router`` lease (None when another does)
         self.router: Router | None = None
+        self._routed_before = 0
+        self.members: Members | None = None
+        self.router_lease: Partitions | None = None
+        self._workers_stop = asyncio.Event()
         self.supervisor = Supervisor()
+        self.lifecycle = Lifecycle()
         self.http_session: aiohttp.ClientSession | None = None
         self.app_runner: web.AppRunner | None = None
-        self.site: web.TCPSite | None = None
+        self.listeners: dict[str, Listener] = {}
+        #: bound ports by listener name (``public``, ``admin``)
+        self.ports: dict[str, int] = {}
         self.port: int | None = None
-        self._shutdown: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        self._options: dict[str, Any] = {}
         self._stop_requested = asyncio.Event()
 
-    # -- start-up: each step registers its own undo, run in reverse at stop --------------------------
+    # -- start-up: small named steps, each registering its own undo ----------------------------------
+
+    def steps(self) -> list[Step]:
+        return [
+            Step("validate_config", self._validate_config),
+            Step("data_dir", self._make_data_dir),
+            Step("redis", self._connect_redis),
+            Step("adapters", self._start_adapters),
+            Step("http_client", self._own_http_client),
+            Step("workers", self._start_workers),
+            Step("web", self._serve_http),
+            Step("watchdog", self._start_watchdog),
+            Step("freeze_gc", self._freeze_gc),
+            Step("ready", self._announce_ready),
+        ]
 
     async def start(self) -> None:
-        cfg = self.config
-        options = self.registry.validate(cfg)
-        data_dir = cfg.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log.info("daemon.starting", instance=self.instance, config=str(cfg.path), data_dir=str(data_dir))
+        await self.lifecycle.start(self.steps())
 
+    async def _validate_config(self) -> None:
+        self._options = self.registry.validate(self.config)
+
+    async def _make_data_dir(self) -> None:
+        cfg = self.config
+        private_dir(cfg.data_dir)  # 0700, its files 0600 (bridge/files.py)
+        log.info("daemon.starting", instance=self.instance, config=str(cfg.path), data_dir=str(cfg.data_dir))
+
+    async def _connect_redis(self) -> None:
+        """The embedded Redis when no url is set, the client, the bus. An unreachable Redis does not
+        stop the start: /readyz says so and the tasks retry until it answers."""
+        cfg = self.config
         url = cfg.redis.url
         if url is None:
-            self.embedded = EmbeddedRedis(data_dir)
+            self.embedded = EmbeddedRedis(cfg.data_dir)
             await self.embedded.start()
-            self._shutdown.append(("embedded_redis", self.embedded.stop))
+            self.lifecycle.on_stop("embedded_redis", self.embedded.stop)
             url = self.embedded.url
         self.redis = connect(url, cfg.redis.socket_timeout)
-        self._shutdown.append(("redis", self.redis.aclose))
+        self.lifecycle.on_stop("redis", self.redis.aclose)
         self.bus = Bus(
             self.redis,
             Keys(cfg.redis.prefix),
@@ -166,63 +289,140 @@ class Daemon:
         try:
             await self.redis.ping()
             await self._check_persistence()
-        except UNAVAILABLE as e:  # start anyway: /readyz says so and tasks retry until it answers
+        except UNAVAILABLE as e:
             log.warning("daemon.redis_unavailable", error=str(e))
 
+    async def _start_adapters(self) -> None:
+        cfg = self.config
+        assert self.bus is not None
         ctx = Context(
             config=cfg,
             bus=self.bus,
             redis=self.redis,
             instance=self.instance,
-            data_dir=data_dir,
+            data_dir=cfg.data_dir,
             http=self._http,
+            egress=Egress(cfg.http.fetch_hosts, cfg.http.fetch_private),
         )
         for i in cfg.inbound:
             scls = self.registry.source(i.type, f"inbound.{i.name}", cfg.path)
-            self.sources[i.name] = scls(i.name, options[i.name], ctx)
+            self.sources[i.name] = scls(i.name, self._options[i.name], ctx)
         for o in cfg.outbound:
             kcls = self.registry.sink(o.type, f"outbound.{o.name}", cfg.path)
-            self.sinks[o.name] = kcls(o.name, options[o.name], ctx)
+            self.sinks[o.name] = kcls(o.name, self._options[o.name], ctx)
         for name, adapter in [*self.sinks.items(), *self.sources.items()]:
             await adapter.start()
-            self._shutdown.append((f"adapter:{name}", adapter.close))
-        self._shutdown.append(("http_client", self._close_http))
+            self.lifecycle.on_stop(f"adapter:{name}", adapter.close)
 
-        self.router = Router(cfg, self.bus, self.instance)
+    async def _own_http_client(self) -> None:
+        """The adapters' shared HTTP client is made on first use; closed at stop, before them."""
+        self.lifecycle.on_stop("http_client", self._close_http)
+
+    async def _start_workers(self) -> None:
+        """The router (one instance at a time, under the ``router`` lease) and each sink's runners
+        (one per partition this instance holds: bridge/partitions.py), as supervised tasks; the
+        instance's heartbeat; and the long-running sources."""
+        cfg = self.config
+        bus = self.bus
+        assert bus is not None
+        ttl = cfg.bridge.lease_ttl
+        bus.partitions = {o.name: o.partitions for o in cfg.outbound}
+        self.members = members = Members(self.redis, bus.keys, self.instance, ttl=ttl)
+        self.router_lease = router_lease = Partitions(
+            self.redis, bus.keys, self.members, "router", 1, self.instance, self._make_router, ttl=ttl,
+            on_done=self._router_done,
+        )  # fmt: skip
         for o in cfg.outbound:
-            self.runners[o.name] = Runner(
-                self.sinks[o.name], o, self.bus, self.instance, shutdown_timeout=cfg.bridge.shutdown_timeout
-            )
-        self._shutdown.append(("workers", self._stop_workers))
-        self.supervisor.spawn("router", self.router.run)
-        for name, runner in self.runners.items():
-            self.supervisor.spawn(f"runner:{name}", runner.run)
+            self.runners[o.name] = SinkRunners(
+                self.sinks[o.name], o, bus, self.instance, self.members, ttl=ttl,
+                shutdown_timeout=cfg.bridge.shutdown_timeout, max_deliveries=cfg.bridge.max_deliveries,
+            )  # fmt: skip
+        self.lifecycle.on_stop("workers", self._stop_workers)
+        self.supervisor.spawn("members", lambda: members.run(self._workers_stop))
+        self.supervisor.spawn("router", lambda: router_lease.run(self._workers_stop))
+        for name, runners in self.runners.items():
+            self.supervisor.spawn(f"runner:{name}", runners.run)
         for name, src in self.sources.items():
             if src.long_running:
                 self.supervisor.spawn(f"source:{name}", src.run)
 
-        app = build_app(self)
-        self.app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.app_runner.setup()
-        self._shutdown.append(("http_server", self.app_runner.cleanup))
-        host, port = cfg.listen
-        self.site = web.TCPSite(self.app_runner, host, port, reuse_address=True)
-        await self.site.start()
-        server: Any = self.site._server
-        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
-        self._shutdown.append(("stop_accepting", self.site.stop))
+    def _make_router(self, _n: int, lease: Lease) -> Router:
+        assert self.bus is not None
+        self.router = Router(self.config, self.bus, self.instance, lease=lease)
+        return self.router
+
+    def _router_done(self, router: Worker) -> None:
+        if isinstance(router, Router):
+            self._routed_before += router.routed
+            if router is self.router:
+                self.router = None
+
+    async def _serve_http(self) -> None:
+        http = self.config.http
+        admin_at = self.config.admin_listen
+        app = build_app(
+            self,
+            max_body=http.max_body,
+            routes=[(name, src.routes()) for name, src in self.sources.items()],
+            admin=admin_at is None,
+            body_timeout=http.body_timeout,
+        )
+        undo_accept_guard = install_accept_guard(asyncio.get_running_loop())
+
+        async def restore_handler() -> None:
+            undo_accept_guard()
+
+        self.lifecycle.on_stop("accept_guard", restore_handler)
+        self.app_runner = await self._listen(app, "public", self.config.listen)
+        if admin_at is not None:
+            await self._listen(build_admin_app(self), "admin", admin_at)
+
+    async def _listen(self, app: web.Application, name: str, where: tuple[str, int]) -> web.AppRunner:
+        """Serve ``app`` on ``where`` through a guarded :class:`Listener` (bridge/listener.py)."""
+        http = self.config.http
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=http.keepalive_timeout
+        )
+        await runner.setup()
+        suffix = "" if name == "public" else f":{name}"
+        self.lifecycle.on_stop(f"http_server{suffix}", runner.cleanup)
+        listener = Listener(
+            runner, name, header_timeout=http.header_timeout, max_connections=http.max_connections
+        )
+        port = await listener.start(*where)
+        self.lifecycle.on_stop(f"stop_accepting{suffix}", listener.stop)
+        self.listeners[name] = listener
+        self.ports[name] = port
+        if name == "public":
+            self.port = port
+        return runner
+
+    async def _start_watchdog(self) -> None:
         wd = os.environ.get("WATCHDOG_USEC")
         if wd and wd.isdigit():
             self.supervisor.spawn("watchdog", lambda: self._watchdog(int(wd) / 2e6))
-        # What start-up made (modules, config, clients) lives as long as the daemon: freeze it out of
-        # the garbage collector's sight, so a full collection walks only what was made since — its
-        # pause fell from ~20 ms to ~1 ms, the tail of the ingest latency (bench/RESULTS.md)
+            self.lifecycle.on_stop("watchdog", self._stop_watchdog)
+
+    async def _stop_watchdog(self) -> None:
+        self.supervisor.cancel("watchdog")
+
+    async def _freeze_gc(self) -> None:
+        """What start-up made (modules, config, clients) lives as long as the daemon: freeze it out of
+        the garbage collector's sight, so a full collection walks only what was made since and its
+        pause stays short (the tail of the ingest latency; figures in bench/RESULTS.md).
+        ``WECHAT_BRIDGE_GC_FREEZE=0`` leaves the collector as Python sets it."""
+        if os.environ.get("WECHAT_BRIDGE_GC_FREEZE", "1").strip() == "0":
+            return
         gc.collect()
         gc.freeze()
+        self.lifecycle.on_stop("unfreeze_gc", _unfreeze_gc)
+
+    async def _announce_ready(self) -> None:
         sd_notify("READY=1\nSTATUS=running")
+        host, _ = self.config.listen
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         log.info("daemon.started", listen=f"{host}:{self.port}", sources=list(self.sources),
-                 sinks=list(self.sinks), routes=len(cfg.routes), loop=loop)  # fmt: skip
+                 sinks=list(self.sinks), routes=len(self.config.routes), loop=loop)  # fmt: skip
 
     async def _check_persistence(self) -> None:
         """Warn when Redis keeps nothing on disk: then "stored" does not survive a Redis restart."""
@@ -253,8 +453,7 @@ class Daemon:
             await self.http_session.close()
 
     async def _stop_workers(self) -> None:
-        if self.router:
-            self.router.stop()
+        self._workers_stop.set()
         for r in self.runners.values():
             r.stop()
         for src in self.sources.values():  # pollers and streams return from run()
@@ -268,15 +467,10 @@ class Daemon:
             await asyncio.sleep(every)
 
     async def stop(self) -> None:
-        self.supervisor.cancel("watchdog")
+        self.supervisor.cancel("watchdog")  # first: no WATCHDOG=1 after STOPPING=1
         sd_notify("STOPPING=1")
         log.info("daemon.stopping")
-        while self._shutdown:
-            name, action = self._shutdown.pop()
-            try:
-                await action()
-            except Exception:
-                log.exception("daemon.shutdown_step_failed", step=name)
+        await self.lifecycle.stop()
         log.info("daemon.stopped")
 
     async def readiness(self) -> dict[str, str]:
@@ -296,17 +490,42 @@ class Daemon:
                 problems[name] = why
         return problems
 
+    def counters(self) -> Counters:
+        return Counters(
+            routed=self._routed_before + (self.router.routed if self.router else 0),
+            sent={name: r.sent for name, r in self.runners.items()},
+            dead={name: r.dead for name, r in self.runners.items()},
+            task_crashes=dict(self.supervisor.crashes),
+            extra=feed_metric_lines(self.sources.items()),  # polls, items, errors per feed
+        )
+
     def request_stop(self) -> None:
         self._stop_requested.set()
+
+    def reload(self) -> bool:
+        """SIGHUP (``systemctl reload``): the daemon keeps running and checks the config file again,
+        logging whether it is valid (``daemon.reload_checked``); changes take effect on a restart. It
+        never stops the service. Returns whether the file is valid."""
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            load(self.config.path)
+        except ConfigError as e:
+            log.error("daemon.reload_checked", valid=False, error=str(e))
+            return False
+        finally:
+            sd_notify("READY=1\nSTATUS=running")
+        log.info("daemon.reload_checked", valid=True, note="changes take effect on restart")
+        return True
 
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
             await self._stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.stop()

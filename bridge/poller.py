@@ -48,9 +48,10 @@ import msgspec
 
 from bridge import logging as blog
 from bridge.adapter import Context, Registry, Source
-from bridge.bus import UNAVAILABLE, Bus, BusUnavailable, Keys, connect
+from bridge.bus import UNAVAILABLE, Bus, Keys, connect
 from bridge.config import Config
 from bridge.envelope import Attachment, Conversation, Sender, make_envelope, stable_id
+from bridge.errors import BusUnavailable
 from bridge.lease import Lease
 
 log = blog.get("feed")

@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from bridge import logging as blog
-from bridge.bus import ROUTER_GROUP, Bus
+from bridge.bus import ROUTER_GROUP, Bus, Field
 from bridge.config import Config, OutboundConfig, RouteConfig
-from bridge.envelope import Delivery, Envelope, decode_envelope, delivery_id
+from bridge.envelope import Delivery, Envelope, Origin, decode_envelope, delivery_id, make_envelope, stable_id
+from bridge.lease import Lease
+from bridge.recovery import Recovery
 
 log = blog.get("router")
 
@@ -35,6 +38,32 @@ def matches(route: RouteConfig, env: Envelope) -> bool:
     if m.mentions_only and env.conversation.kind == "group" and not env.mentions_me:
         return False
     return not (route.pattern is not None and not route.pattern.search(env.text))
+
+
+def reply_envelope(d: Delivery, sink: str, text: str, *, seq: int = 0, format: str = "text",
+                   **fields: Any) -> Envelope:  # fmt: skip
+    """The envelope of kind ``reply`` carrying ``sink``'s answer to delivery ``d`` home.
+
+    Its ``origin`` is the message the delivery ultimately answers (a reply's own origin, so a chain of
+    answers still goes home to the first conversation); its id is stable in (delivery, ``seq``), so a
+    retried send that answers again publishes a duplicate the bus drops.
+    """
+    env = d.envelope
+    origin = env.origin if env.kind == "reply" and env.origin else Origin(
+        source=env.source, conversation=env.conversation, envelope_id=env.id, sender=env.sender
+    )  # fmt: skip
+    return make_envelope(
+        sink,
+        origin.conversation,
+        text,
+        id=stable_id("reply", d.id, str(seq)),
+        kind="reply",
+        reply_to=env.id,
+        origin=origin,
+        hops=env.hops + 1,
+        format=format,
+        **fields,
+    )
 
 
 def plan(
@@ -87,11 +116,16 @@ class Router:
     idempotency marker keeps that from sending twice.
     """
 
-    def __init__(self, config: Config, bus: Bus, consumer: str, *, batch: int = 256) -> None:
+    def __init__(
+        self, config: Config, bus: Bus, consumer: str, *, batch: int = 256, lease: Lease | None = None
+    ) -> None:
         self.config = config
         self.bus = bus
         self.consumer = consumer
         self.batch = batch
+        #: the ``router`` lease (bridge/partitions.py): one router at a time, or a conversation's
+        #: deliveries would be written in the order two routers' reads finished. None: alone (tests)
+        self.lease = lease
         self._stopping = asyncio.Event()
         self._sinks = {o.name: o for o in config.outbound}
         self.routed = 0
@@ -99,15 +133,29 @@ class Router:
     def stop(self) -> None:
         self._stopping.set()
 
+    def abort(self) -> None:
+        """The lease ended: stop before the next read (what is unacked is routed again, deduped)."""
+        self._stopping.set()
+
+    def _may_read(self) -> bool:
+        return not self._stopping.is_set() and (self.lease is None or self.lease.held)
+
     async def run(self) -> None:
         stream = self.bus.keys.inbound
         await self.bus.ensure_group(stream, ROUTER_GROUP)
+        if self.lease is not None:  # the previous holder's unfinished entries are ours, and first
+            rec = Recovery(
+                self.bus, stream, ROUTER_GROUP, self.consumer,
+                max_deliveries=self.config.bridge.max_deliveries, origin="inbound",
+            )  # fmt: skip
+            await rec.take_over()
+            await rec.drop_consumers(max(60.0, self.lease.ttl * 3))
         start = "0"  # first our own pending entries (a previous life's), then new ones
         acks: list[str] = []  # their deliveries are written: ack them with the next read
         routed: list[str] = []  # routed: their deliveries go with the next read
         out: list[Delivery] = []
         try:
-            while not self._stopping.is_set():
+            while self._may_read():
                 read = self.bus.read(
                     stream, ROUTER_GROUP, self.consumer, count=self.batch,
                     block_ms=1000 if start == ">" else None, start=start, ack=acks, write=out,
@@ -146,7 +194,7 @@ class Router:
         out: list[Delivery] = []
         for eid, fields in entries:
             ids.append(eid)
-            raw = fields.get(b"e")
+            raw = fields.get(Field.ENVELOPE.key)
             try:
                 if raw is None:
                     raise ValueError("no envelope field")

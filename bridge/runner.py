@@ -1,22 +1,32 @@
-"""The delivery runner, written once for every sink.
+"""The delivery runner, written once for every sink: read → claim → send → ack.
 
-One runner per sink per instance consumes ``P:{out:<sink>}`` in group ``runner``. For each delivery:
+In a daemon, one runner per *partition* of a sink's stream (``P:{out:<sink>}`` and
+``P:{out:<sink>}:p<n>``, group ``runner``) runs on the one instance holding that partition's lease
+(:mod:`bridge.partitions`); it first takes over what the previous holder left pending
+(:mod:`bridge.recovery`), reads it first, and reads and sends only while its lease is held.
+:meth:`Runner.run` polls (:meth:`Runner.poll_iteration`) until stopped:
 
-1. **claim** its idempotency marker: ``done:…`` → already sent, ack and skip; held by another live
-   instance → wait. The read loop claims the markers of a whole batch in one Lua call (which also
-   writes the acks so far); when the sink has a rate, one more call just before each send claims
-   again and charges the rate limits (GCRA), so the rate holds at the moment of sending;
-2. **send** through the sink, on one of ``concurrency`` workers;
-3. on success set the marker to ``done:<remote id>`` and ack — batched: many acks in one Lua call;
-   on :class:`RetryableError` back off exponentially with jitter (or the sink's retry-after) *in
-   place*, so a conversation keeps its order; on :class:`PermanentError` or after ``max_attempts``
-   write a dead letter with the reason, then ack.
+1. **read** a batch of entries (:class:`ReadClaim`: one round trip that also writes the acks so far
+   and claims what it read);
+2. **claim** each delivery's idempotency marker (``lua/claim.lua``): ``done:…`` → already sent, ack
+   and skip; held by another live instance → wait. When the sink has a rate, one more call just
+   before each send claims again and charges the rate limits (``lua/claim_send.lua``, GCRA), so the
+   rate holds at the moment of sending;
+3. **send** through the sink, on one of ``concurrency`` workers (:meth:`Runner.deliver`);
+4. **ack**: on success set the marker to ``done:<remote id>`` and ack as soon as the send returned
+   (:class:`AckBatch`: acks that come meanwhile go in the same Lua call). On
+   :class:`RetryableError` back off exponentially with jitter (or the sink's retry-after) *in
+   place*, so a conversation keeps its order; on :class:`PermanentError` or after
+   ``max_attempts`` write a dead letter with the reason, then ack.
 
 Deliveries to one conversation run one after another (a conversation's queue is served by one worker
 at a time); different conversations run concurrently. A stopped runner stops reading, lets queued
-and in-flight sends finish within a bound, acks, and returns; what did not finish stays pending and
-is taken up again by this instance's next life (it reads its own pending entries first) or, after
-``claim_idle``, by another instance.
+and in-flight sends finish within a bound, acks, and returns; what did not finish stays pending —
+every queued job is dropped at once, so a conversation's later job never goes before an unfinished
+earlier one — and is read again, in stream order, by the next run (ours or the next lease holder's).
+An aborted runner (its lease ended) cancels its sends at once. A runner without a lease (tests)
+takes over entries idle ``claim_idle`` on vanished consumers. :meth:`Runner.run_until_idle` drives
+a runner without a daemon: it returns once the stream has nothing left for it (tests).
 """
 
 from __future__ import annotations
@@ -26,112 +36,208 @@ import contextlib
 import random
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import Any
 
 from bridge import logging as blog
-from bridge.adapter import PermanentError, RetryableError, SendContext, Sink
-from bridge.bus import RUNNER_GROUP, UNAVAILABLE, Bus, Entry
+from bridge.adapter import SendContext, Sink
+from bridge.bus import RUNNER_GROUP, UNAVAILABLE, Bus, Entry, Field
 from bridge.config import OutboundConfig, Rate, parse_rates
-from bridge.envelope import Delivery, Origin, decode_delivery, encode, make_envelope, stable_id
-from bridge.ratelimit import GCRA_SNIPPET
-
-# KEYS[1] marker, KEYS[2..] rate keys. ARGV[1] owner, ARGV[2] owner's instance prefix ("inst:"),
-# ARGV[3] marker ttl ms, ARGV[4] '1' to charge the rates, ARGV[5..] (interval_ms, burst) per rate key.
-_CLAIM = (
-    """
-local v = redis.call('GET', KEYS[1])
-if v then
-  if string.sub(v, 1, 5) == 'done:' then return {'done', v} end
-  if v ~= ARGV[1] and string.sub(v, 1, #ARGV[2]) ~= ARGV[2] then
-    return {'busy', tostring(redis.call('PTTL', KEYS[1]))}
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-if ARGV[4] ~= '1' then return {'ok', '0'} end
-local kbase = 2
-local base = 5
-"""
-    + GCRA_SNIPPET
-    + """
-if wait > 0 then return {'wait', tostring(wait)} end
-return {'ok', '0'}
-"""
-)
-
-# Claim one marker for ``owner`` (the same decision as _CLAIM's): its 'done:<remote id>' value when it
-# was sent, 'busy' when another live instance holds it, else 'ok' — then it is ours for ``ttl`` ms.
-_CLAIM_ONE = """
-local function claim(mk, owner, prefix, ttl)
-  local v = redis.call('GET', mk)
-  if v and string.sub(v, 1, 5) == 'done:' then return v end
-  if v and v ~= owner and string.sub(v, 1, #prefix) ~= prefix then return 'busy' end
-  redis.call('SET', mk, owner, 'PX', ttl)
-  return 'ok'
-end
-"""
-
-# One round trip for a batch of bookkeeping: set done markers, ack entries, claim markers.
-# KEYS[1] the sink's stream, KEYS[2 .. 1+nd] markers to set done, KEYS[2+nd ..] markers to claim.
-# ARGV[1] group, ARGV[2] done ttl s, ARGV[3] nd, ARGV[4] na (ids to ack), ARGV[5] owner,
-# ARGV[6] owner's instance prefix ("inst:"), ARGV[7] claim ttl ms, then nd done values, then na ids.
-# Returns, per marker to claim: 'ok' (now ours), 'busy' (another live instance holds it) or its
-# 'done:<remote id>' value. The claim is _CLAIM's without charging the rates.
-_SYNC = (
-    _CLAIM_ONE
-    + """
-local nd, na = tonumber(ARGV[3]), tonumber(ARGV[4])
-local owner, prefix = ARGV[5], ARGV[6]
-for i = 1, nd do
-  redis.call('SET', KEYS[1 + i], ARGV[7 + i], 'EX', ARGV[2])
-end
-local a = 8 + nd
-local i = 0
-while i < na do
-  local j = math.min(i + 500, na)
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, a + i, a + j - 1))
-  i = j
-end
-local out = {}
-for k = 2 + nd, #KEYS do
-  out[#out + 1] = claim(KEYS[k], owner, prefix, ARGV[7])
-end
-return out
-"""
-)
-
-# Run in the read's pipeline, just after its XREADGROUP: claims the markers of the entries that read
-# gave us, found as this consumer's pending entries newer than the last one read before.
-# KEYS[1] the sink's stream. ARGV[1] group, ARGV[2] consumer, ARGV[3] the id read last before ("0-0"),
-# ARGV[4] how many at most, ARGV[5] owner, ARGV[6] owner's instance prefix, ARGV[7] claim ttl ms,
-# ARGV[8] the markers' key prefix (under the sink's hash tag: the same slot as KEYS[1]).
-# Returns (entry id, status) pairs; status as _SYNC's, or '' for an entry without its delivery id
-# (written by an older version: its worker claims it alone, as before).
-_CLAIM_READ = (
-    _CLAIM_ONE
-    + """
-local out = {}
-for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+', ARGV[4], ARGV[2])) do
-  local id, st = p[1], ''
-  local e = redis.call('XRANGE', KEYS[1], id, id)[1]
-  if e then
-    local f = e[2]
-    for i = 1, #f, 2 do
-      if f[i] == 'i' then st = claim(ARGV[8] .. f[i + 1], ARGV[5], ARGV[6], ARGV[7]) end
-    end
-  end
-  out[#out + 1] = id
-  out[#out + 1] = st
-end
-return out
-"""
-)
+from bridge.envelope import Delivery, decode_delivery, encode
+from bridge.errors import PermanentError, RetryableError
+from bridge.lease import Lease
+from bridge.ratelimit import Limit, Limiter
+from bridge.recovery import Recovery
+from bridge.router import reply_envelope
+from bridge.scripts import OK, UNCLAIMED, Ack, Claim, ClaimStatus, Owner, Scripts
 
 DONE_TTL = 7 * 86_400
-#: acks (done markers + XACK) wait this long to be written together, in one round trip. It widens
-#: the one window where a crash resends (after the platform accepted, before the marker is written)
-#: by as much; a graceful stop writes them at once.
-ACK_LINGER = 0.002
+#: acks (done markers + XACK) wait this long to be written together. 0: a done marker is written as
+#: soon as its send returned (group commit: acks that come while one write is on the wire go in the
+#: next one), which keeps the one window where a crash resends (after the platform accepted, before
+#: the marker is written) as small as one round trip; a graceful stop writes them at once.
+ACK_LINGER = 0.0
+
+
+#: delivery ids a runner remembers having sent (see Runner._recent)
+RECENT = 4096
+
+#: seconds a stop past shutdown_timeout still waits for the sends on the wire (the daemon's
+#: supervisor cancels what is left 5 s after shutdown_timeout)
+SEND_GRACE = 4.0
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError when this task was asked to stop: a redis-py call that was cancelled in
+    mid-command may return normally (or raise a connection error) instead, and a loop that goes
+    on would never end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+#: background writes of a finished runner's last acks (a reference keeps each task alive)
+_LATER: set[asyncio.Task[None]] = set()
+
+
+class AckBatch:
+    """Acks waiting to be written together: their done markers and XACKs in one ``sync.lua`` call.
+
+    :meth:`add` queues an ack and wakes :meth:`run`, which writes them at once (after
+    :data:`ACK_LINGER`, when set); a read going out meanwhile takes them along instead (:meth:`take`, and
+    :meth:`put_back` when that read failed). :meth:`sync` writes them with a claim of markers.
+    """
+
+    def __init__(
+        self, scripts: Scripts, stream: str, owner: Owner, claim_ttl_ms: int, log: Any, *,
+        linger: float = ACK_LINGER,
+    ) -> None:  # fmt: skip
+        self.scripts = scripts
+        self.stream = stream
+        self.owner = owner
+        self.claim_ttl_ms = claim_ttl_ms
+        self.linger = linger
+        self.log = log
+        self._pending: list[Ack] = []
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, ack: Ack) -> None:
+        self._pending.append(ack)
+        self._wake.set()
+
+    def take(self) -> list[Ack]:
+        """The acks so far, to be written by the caller (then no longer here)."""
+        batch, self._pending = self._pending, []
+        return batch
+
+    def put_back(self, batch: Sequence[Ack]) -> None:
+        """Acks a caller took and could not write: they go first next time."""
+        self._pending[:0] = batch
+        if self._pending:
+            self._wake.set()
+
+    def queue(self, pipe: Any) -> list[Ack]:
+        """Add the acks so far to ``pipe`` (one sync.lua call); returns them (put back on failure)."""
+        batch = self.take()
+        if batch:
+            Scripts.queue_sync(
+                pipe, self.stream, RUNNER_GROUP, batch, self.owner, ttl_ms=self.claim_ttl_ms,
+                done_ttl=DONE_TTL,
+            )  # fmt: skip
+        return batch
+
+    async def sync(self, claim: Sequence[str] = ()) -> list[Claim]:
+        """Write the acks so far and claim the ``claim`` markers, in one round trip."""
+        batch = self.take()
+        if not batch and not claim:
+            return []
+        try:
+            return await self.scripts.sync(
+                self.stream, RUNNER_GROUP, batch, claim, self.owner, ttl_ms=self.claim_ttl_ms,
+                done_ttl=DONE_TTL,
+            )  # fmt: skip
+        except BaseException:
+            self.put_back(batch)
+            raise
+
+    async def flush(self) -> None:
+        if self._pending:
+            await self.sync()
+
+    def flush_later(self, every: float = 0.1, give_up: float = 3600.0) -> None:
+        """Keep trying :meth:`flush` in the background (the runner is gone; Redis is down)."""
+        if not self._pending:
+            return
+
+        async def retry() -> None:
+            end = time.monotonic() + give_up
+            while self._pending and time.monotonic() < end:
+                try:
+                    await self.flush()
+                except UNAVAILABLE:
+                    await asyncio.sleep(every)
+            if self._pending:
+                self.log.error("runner.acks_abandoned", count=len(self._pending))
+
+        task = asyncio.create_task(retry(), name=f"acks-later:{self.stream}")
+        _LATER.add(task)
+        task.add_done_callback(_LATER.discard)
+
+    async def run(self) -> None:
+        """Write acks shortly after they come, until cancelled."""
+        while True:
+            await self._wake.wait()
+            if self.linger > 0:  # more acks come meanwhile, or a read carries them all
+                await asyncio.sleep(self.linger)
+            self._wake.clear()
+            _raise_if_cancelled()
+            try:
+                await self.flush()
+            except UNAVAILABLE as e:
+                _raise_if_cancelled()
+                self.log.warning("runner.ack_failed", error=str(e))
+                await asyncio.sleep(1.0)
+                self._wake.set()
+            _raise_if_cancelled()
+
+
+class ReadClaim:
+    """Read new entries and claim their markers, in one round trip (a pipeline).
+
+    The pipeline: the acks so far (:class:`AckBatch`), the blocking XREADGROUP, then
+    ``claim_read.lua`` claiming the markers of what the read gave. A read abandoned on stop puts
+    the acks back (XACK is idempotent); what it read and claimed stays pending under our consumer
+    name for our next life.
+    """
+
+    def __init__(
+        self, bus: Bus, stream: str, consumer: str, owner: Owner, acks: AckBatch, *, claim_ttl_ms: int,
+        marker_prefix: str, block_ms: int | None = 1000,
+    ) -> None:  # fmt: skip
+        self.bus = bus
+        self.stream = stream
+        self.consumer = consumer
+        self.owner = owner
+        self.acks = acks
+        self.claim_ttl_ms = claim_ttl_ms
+        self.marker_prefix = marker_prefix
+        self.block_ms = block_ms
+        #: the id read last: claim_read claims this consumer's pending entries after it
+        self.last_read = "0"
+
+    async def __call__(self, count: int, stop: asyncio.Event) -> tuple[list[Entry], dict[str, Claim]] | None:
+        """Up to ``count`` new entries and their claims (entry id → claim); None: stopped meanwhile."""
+        batch: list[Ack] = []
+
+        def before(pipe: Any) -> None:
+            batch.extend(self.acks.queue(pipe))
+
+        def after(pipe: Any) -> None:
+            Scripts.queue_claim_read(
+                pipe, self.stream, RUNNER_GROUP, self.consumer, after=self.last_read, count=count + 100,
+                owner=self.owner, ttl_ms=self.claim_ttl_ms, marker_prefix=self.marker_prefix,
+            )  # fmt: skip
+
+        read = self.bus.read_around(
+            self.stream, RUNNER_GROUP, self.consumer, count=count, block_ms=self.block_ms, before=before,
+            after=after,
+        )  # fmt: skip
+        try:
+            got = await self.bus.or_stop(stop, read)
+        except BaseException:
+            self.acks.put_back(batch)
+            raise
+        if got is None:
+            self.acks.put_back(batch)
+            return None
+        entries, results = got
+        if entries:
+            self.last_read = entries[-1][0]
+        return entries, Scripts.parse_claim_read(results[-1])
 
 
 class _Job:
@@ -151,11 +257,12 @@ class Runner:
     """Sends a sink's deliveries: ``concurrency`` workers over per-conversation FIFO queues.
 
     A conversation's queue is served by one worker at a time (so it stays in order, retries back off
-    in place); different conversations are served concurrently. The read loop reads a batch and
-    claims the idempotency markers of the whole batch in the same round trip (a pipeline: the acks so
-    far, XREADGROUP, then a Lua call claiming what it read), and queues the deliveries; a worker sends
-    without another round trip when the sink has no rate to charge. Acks are batched (one Lua call
-    for many) and ride on the next read when one comes within ``ACK_LINGER``.
+    in place); different conversations are served concurrently. Each poll reads a batch and claims
+    the idempotency markers of the whole batch in the same round trip (:class:`ReadClaim`) and
+    queues the deliveries; a worker sends without another round trip when the sink has no rate to
+    charge. Acks are written as soon as the send returned (:class:`AckBatch`: the ones that come
+    while a write is on the wire go together, or ride on a read going out). Implements
+    :class:`bridge.adapter.DeliveryServices` for its sink.
     """
 
     def __init__(
@@ -167,6 +274,10 @@ class Runner:
         *,
         batch: int = 128,
         shutdown_timeout: float = 10.0,
+        stream: str | None = None,
+        lease: Lease | None = None,
+        concurrency: int | None = None,
+        max_deliveries: int = 20,
     ) -> None:
         self.sink = sink
         self.ctx = sink.ctx
@@ -174,19 +285,36 @@ class Runner:
         self.bus = bus
         self.keys = bus.keys
         self.instance = instance
-        self.owner = f"{instance}:{uuid.uuid4().hex[:12]}"
-        self.stream = bus.keys.out(cfg.name)
-        self._mark_prefix = bus.keys.mark(cfg.name, "")  # + a delivery id: its marker
+        #: the partition's lease (bridge/partitions.py): read and send only while it is held; None:
+        #: the runner reads the whole stream alone (tests, one-off drains)
+        self.lease = lease
+        self.owner = Owner(instance, f"{instance}:{uuid.uuid4().hex[:12]}", takes_any=lease is not None)
+        self.stream = stream or bus.keys.out(cfg.name)
+        self.concurrency = concurrency or cfg.concurrency
+        self.max_deliveries = max_deliveries
         self.batch = batch
         self.shutdown_timeout = shutdown_timeout
         self.log = blog.get("runner", sink=cfg.name)
-        rates = parse_rates(cfg.rate) if cfg.rate is not None else parse_rates(sink.default_rate or "")
-        self.rates: list[Rate] = rates
-        self._claim = bus.redis.register_script(_CLAIM)
-        self._sync = bus.redis.register_script(_SYNC)
+        self.rates: list[Rate] = self.sink_rates(sink, cfg)
+        self._claim_ttl_ms = int(cfg.claim_idle * 1000)
+        self.scripts = bus.scripts
+        self._limiter = Limiter(bus.redis)
+        self.acks = AckBatch(self.scripts, self.stream, self.owner, self._claim_ttl_ms, self.log)
+        self.read_claim = ReadClaim(
+            bus, self.stream, instance, self.owner, self.acks, claim_ttl_ms=self._claim_ttl_ms,
+            marker_prefix=bus.keys.mark(cfg.name, ""),
+        )  # fmt: skip
         self._stopping = asyncio.Event()
+        #: stopping because the lease ended: no drain, sends in flight are cancelled
+        self._aborting = False
+        #: a stop ran past shutdown_timeout: no new send starts; the ones on the wire finish
+        self._draining = False
+        #: sends on the wire now (inside the sink's send)
+        self._sending = 0
+        self._sends_idle = asyncio.Event()
+        self._sends_idle.set()
         #: read-ahead: at most this many deliveries taken and not finished; read again below half
-        self._limit = max(cfg.concurrency * 4, 64)
+        self._limit = max(self.concurrency * 4, 64)
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._inflight: dict[str, _Job] = {}
@@ -194,11 +322,23 @@ class Runner:
         self._idle = asyncio.Event()
         self._idle.set()
         self._workers: list[asyncio.Task[None]] = []
-        self._acks: list[tuple[str, str | None, str]] = []  # (entry id, marker key or None, value)
-        self._ack_wake = asyncio.Event()
         self._ack_task: asyncio.Task[None] | None = None
+        #: where the next read starts: "0" our own pending entries first (a previous life's), then ">"
+        self._start = "0"
+        self._next_reclaim = 0.0
+        self._reclaim_cursor = "0-0"
+        #: run_until_idle: reads do not block, and an empty read with nothing in flight ends the run
+        self._burst = False
         self.sent = 0
         self.dead = 0
+        #: delivery ids this runner sent lately → remote id (a duplicate entry right behind its
+        #: original finds it here: the original's done marker may still be on its way to Redis)
+        self._recent: OrderedDict[str, str] = OrderedDict()
+
+    @staticmethod
+    def sink_rates(sink: Sink, cfg: OutboundConfig) -> list[Rate]:
+        """The sink's rates: ``rate`` from the config, else the adapter's default."""
+        return parse_rates(cfg.rate) if cfg.rate is not None else parse_rates(sink.default_rate or "")
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -206,55 +346,103 @@ class Runner:
         self._stopping.set()
         self._room.set()
 
+    def abort(self) -> None:
+        """Stop at once (the partition's lease ended): cancel the sends in flight, ack nothing more
+        of what is unfinished; it stays pending for the next holder."""
+        self._aborting = True
+        self._sends_idle.set()
+        self.stop()
+
+    def _may_send(self) -> bool:
+        if self.lease is not None and not self.lease.held:
+            self.abort()
+        return not (self._aborting or self._draining)
+
     async def run(self) -> None:
+        """Poll until stopped, then finish what is in flight (within ``shutdown_timeout``)."""
+        # every run starts with our own pending entries, in stream order (a previous run's, or
+        # the ones a take-over just made ours)
+        self._start = "0"
+        self.read_claim.last_read = "0"
         await self.bus.ensure_group(self.stream, RUNNER_GROUP)
-        self._ack_task = asyncio.create_task(self._acker(), name=f"acker:{self.cfg.name}")
+        if self.lease is not None:
+            rec = Recovery(
+                self.bus, self.stream, RUNNER_GROUP, self.instance,
+                max_deliveries=self.max_deliveries, origin=f"out:{self.cfg.name}",
+            )  # fmt: skip
+            self.dead += (await rec.take_over()).dead
+            await rec.drop_consumers(max(60.0, self.lease.ttl * 3))
+        self._ack_task = asyncio.create_task(self.acks.run(), name=f"acker:{self.cfg.name}")
         self._workers = [
             asyncio.create_task(self._worker(), name=f"send:{self.cfg.name}:{n}")
-            for n in range(self.cfg.concurrency)
+            for n in range(self.concurrency)
         ]
+        self._next_reclaim = time.monotonic() + self._reclaim_every()
         try:
-            await self._read_loop()
+            while not self._stopping.is_set() and await self.poll_iteration():
+                pass
         finally:
             await self._drain()
 
-    async def _read_loop(self) -> None:
-        start = last_read = "0"
-        next_claim = time.monotonic() + min(30.0, self.cfg.claim_idle / 2)
-        claim_cursor = "0-0"
-        low = self._limit // 2
-        while not self._stopping.is_set():
-            if len(self._inflight) > low:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            count = min(self.batch, self._limit - len(self._inflight))
-            statuses: dict[str, str] | None = None
-            if start != ">":  # our own pending entries first (a previous life's), claimed in _admit
-                entries = await self.bus.read(
-                    self.stream, RUNNER_GROUP, self.instance, count=count, block_ms=None, start=start
-                )
-                if not entries:
-                    start = ">"
-                    continue
-                start = last_read = entries[-1][0]
-            else:
-                got = await self._read_claiming(count, last_read)
-                if got is None:
-                    break
-                entries, statuses = got
-                if entries:
-                    last_read = entries[-1][0]
-            if entries:
-                await self._admit(entries, statuses)
-            if time.monotonic() >= next_claim:
-                next_claim = time.monotonic() + min(30.0, self.cfg.claim_idle / 2)
-                claim_cursor = await self._reclaim(claim_cursor)
+    async def run_until_idle(self) -> None:
+        """Send everything the stream holds for this runner now, then return (arq's ``burst``).
+
+        Reads do not block; the run ends when a read finds nothing new and nothing is in flight
+        (retries included). For tests and one-off drains: a daemon calls :meth:`run`.
+        """
+        self._burst = True
+        self.read_claim.block_ms = None
+        await self.run()
+
+    async def poll_iteration(self) -> bool:
+        """One turn of the loop: read a batch (claiming it) and queue it for the workers; now and
+        then take over entries idle on vanished consumers. False when the run should end."""
+        if not await self._wait_for_room():
+            return True
+        if not self._may_send():
+            return False
+        count = min(self.batch, self._limit - len(self._inflight))
+        claims: dict[str, Claim] | None = None
+        if self._start != ">":  # our own pending entries first, claimed in _admit
+            entries = await self.bus.read(
+                self.stream, RUNNER_GROUP, self.instance, count=count, block_ms=None, start=self._start
+            )
+            if not entries:
+                self._start = ">"
+                return True
+            self._start = self.read_claim.last_read = entries[-1][0]
+        else:
+            got = await self.read_claim(count, self._stopping)
+            if got is None:
+                return False
+            entries, claims = got
+        if entries:
+            await self._admit(entries, claims)
+        elif self._burst:
+            await self._idle.wait()
+            if not self._inflight and not len(self.acks):
+                return False
+        if self.lease is None and time.monotonic() >= self._next_reclaim:
+            # a lease holder is the partition's only reader: what others left, it took over at start
+            self._next_reclaim = time.monotonic() + self._reclaim_every()
+            self._reclaim_cursor = await self._reclaim(self._reclaim_cursor)
+        return True
+
+    async def _wait_for_room(self) -> bool:
+        """True when the read-ahead has room for a read (else waited for it, or for a stop)."""
+        if len(self._inflight) > self._limit // 2:
+            self._room.clear()
+            await self._room.wait()
+            return False
+        return True
+
+    def _reclaim_every(self) -> float:
+        return min(30.0, self.cfg.claim_idle / 2)
 
     async def _reclaim(self, cursor: str) -> str:
         """Take over entries idle on vanished consumers (XAUTOCLAIM, keeping the cursor)."""
         res = await self.bus.redis.xautoclaim(
-            self.stream, RUNNER_GROUP, self.instance, int(self.cfg.claim_idle * 1000), cursor, count=100
+            self.stream, RUNNER_GROUP, self.instance, self._claim_ttl_ms, cursor, count=100
         )
         nxt, claimed = res[0], res[1]
         entries: list[Entry] = []
@@ -268,69 +456,53 @@ class Runner:
         return str(nxt.decode() if isinstance(nxt, bytes) else nxt)
 
     async def _drain(self) -> None:
-        if self._inflight:
-            try:
+        """Let in-flight sends finish (within ``shutdown_timeout``; not at all on abort), then drop
+        every queued job at once: they stay pending, and the next run (ours or the next holder's)
+        reads them again in stream order. Dropping only the job a cancelled worker held would let
+        a later job of its conversation go first."""
+        if self._inflight and not self._aborting:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.shutdown_timeout)
-            except TimeoutError:
-                self.log.warning("runner.shutdown_unfinished", count=len(self._inflight))
+            # past the bound: start no new send (retries sleeping are dropped, unsent), but let
+            # the sends on the wire finish, within SEND_GRACE: cancelling one the receiver already
+            # took would have it sent again
+            self._draining = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sends_idle.wait(), SEND_GRACE)
+        if self._inflight:
+            self.log.warning("runner.shutdown_unfinished", count=len(self._inflight), aborted=self._aborting)
         for t in self._workers:
             t.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        self._queues.clear()
+        self._inflight.clear()
+        self._ready = asyncio.Queue()
+        self._idle.set()
+        self._room.set()
         if self._ack_task is not None:
             self._ack_task.cancel()
             await asyncio.gather(self._ack_task, return_exceptions=True)
-        await self._flush_acks()
-
-    # -- scheduling --------------------------------------------------------------------------------
-
-    async def _read_claiming(self, count: int, last_read: str) -> tuple[list[Entry], dict[str, str]] | None:
-        """New entries and their markers claimed, in one round trip (None: stopped meanwhile).
-
-        One pipeline: the acks so far (_SYNC), the blocking XREADGROUP, then _CLAIM_READ claiming
-        the markers of what it read. Abandoned on stop: the acks go again (idempotent), and what was
-        read and claimed stays pending under our name for our next life.
-        """
-        batch, self._acks = self._acks, []
-
-        def before(pipe: Any) -> None:
-            if batch:
-                keys, args = self._sync_args(batch, [])
-                pipe.eval(_SYNC, len(keys), *keys, *args)
-
-        def after(pipe: Any) -> None:
-            pipe.eval(
-                _CLAIM_READ, 1, self.stream, RUNNER_GROUP, self.instance, last_read, count + 100,
-                self.owner, f"{self.instance}:", int(self.cfg.claim_idle * 1000), self._mark_prefix,
-            )  # fmt: skip
-
         try:
-            got = await self.bus.or_stop(
-                self._stopping,
-                self.bus.read_around(
-                    self.stream, RUNNER_GROUP, self.instance, count=count, block_ms=1000,
-                    before=before, after=after,
-                ),
-            )  # fmt: skip
-        except BaseException:
-            self._acks[:0] = batch
-            raise
-        if got is None:
-            self._acks[:0] = batch
-            return None
-        entries, results = got
-        pairs = [x.decode() if isinstance(x, bytes) else str(x) for x in results[-1]]
-        return entries, dict(zip(pairs[::2], pairs[1::2], strict=True))
+            await asyncio.wait_for(self.acks.flush(), 5.0)
+        except (*UNAVAILABLE, TimeoutError):
+            # done markers of sends that happened stay true whoever holds the lease now: keep
+            # writing them until Redis is back, so the next holder does not send them again
+            self.acks.flush_later()
+        self.log.info("runner.stopped", stream=self.stream, aborted=self._aborting)
 
-    async def _admit(self, entries: list[Entry], statuses: dict[str, str] | None = None) -> None:
+    # -- claim: a batch at once --------------------------------------------------------------------
+
+    async def _admit(self, entries: list[Entry], claims: dict[str, Claim] | None = None) -> None:
         """Decode a batch, claim all its markers (with the acks so far) in one call, queue the rest.
 
-        ``statuses``: the markers were claimed with the read (entry id → status; '' = not claimed).
+        ``claims``: the markers were claimed with the read (entry id → claim).
         """
         jobs: list[_Job] = []
         for eid, fields in entries:
             if eid in self._inflight:
                 continue
-            raw = fields.get(b"d", b"")
+            raw = fields.get(Field.DELIVERY.key, b"")
             try:
                 d = decode_delivery(raw)
             except ValueError as e:
@@ -339,25 +511,22 @@ class Runner:
             jobs.append(_Job(eid, d, d.conversation or d.envelope.conversation.id))
         if not jobs:
             return
-        mark = self.keys.mark
-        if statuses is not None:
-            claimed = [statuses.get(j.eid, "") for j in jobs]
+        if claims is not None:
+            claimed = [claims.get(j.eid, UNCLAIMED) for j in jobs]
         else:
             try:
-                claimed = await self._sync_call([mark(self.cfg.name, j.d.id) for j in jobs])
+                claimed = await self.acks.sync([self.keys.mark(self.cfg.name, j.d.id) for j in jobs])
             except UNAVAILABLE as e:  # the workers claim one by one, retrying until Redis is back
                 self.log.warning("runner.claim_failed", error=str(e))
-                claimed = [""] * len(jobs)
-                if self._acks:
-                    self._ack_wake.set()
+                claimed = [UNCLAIMED] * len(jobs)
         now = time.monotonic()
-        for job, status in zip(jobs, claimed, strict=True):
-            if status == "ok":
+        for job, claim in zip(jobs, claimed, strict=True):
+            if claim.status is ClaimStatus.OK:
                 job.claimed_at = now
-            elif status.startswith("done:"):
+            elif claim.status is ClaimStatus.DONE:
                 self.log.info("delivery.duplicate_skipped", delivery=job.d.id, entry=job.eid,
-                              remote_id=status[5:])  # fmt: skip
-                self._ack(job.eid, None, "")
+                              remote_id=claim.remote_id)  # fmt: skip
+                self.acks.add(Ack(job.eid))
                 continue
             self._enqueue(job)
 
@@ -377,8 +546,11 @@ class Runner:
             conv = await self._ready.get()
             q = self._queues[conv]
             job = q[0]
+            _raise_if_cancelled()
+            if not self._may_send():  # the lease ended: leave the rest pending, in order
+                return
             try:
-                await self._attempts(job)
+                await self.deliver(job)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug: the entry stays pending and is taken up again after claim_idle
@@ -401,76 +573,79 @@ class Runner:
             raw, reason=f"undecodable delivery: {err}", origin=f"out:{self.cfg.name}",
             attempts=0, instance=self.instance,
         )  # fmt: skip
-        self._ack(eid, None, "")
+        self.acks.add(Ack(eid))
 
-    # -- one delivery ------------------------------------------------------------------------------
+    # -- one delivery: claim → send → ack ----------------------------------------------------------
 
-    def _limits(self, d: Delivery) -> tuple[list[str], list[float | int]]:
-        keys: list[str] = []
-        args: list[float | int] = []
+    def limits(self, d: Delivery) -> list[Limit]:
+        """The rate limits a message of ``d`` is charged to: the sink's rates, then the recipient's.
+
+        The one place that says what a sink's rate is: the claim before a send charges these, and
+        so does each further part of a split delivery (:meth:`charge_part`).
+        """
         burst = self.cfg.burst
-        for n, r in enumerate(self.rates):
-            keys.append(self.keys.rate(self.cfg.name, n))
-            args += [r.interval * 1000.0, burst]
+        out = [Limit(self.keys.rate(self.cfg.name, n), r, burst) for n, r in enumerate(self.rates)]
         for recipient, rates in self.sink.recipient_limits(d):
-            for n, r in enumerate(rates):
-                keys.append(self.keys.rate(self.cfg.name, n, recipient))
-                args += [r.interval * 1000.0, 1]
-        return keys, args
+            out += [Limit(self.keys.rate(self.cfg.name, n, recipient), r, 1) for n, r in enumerate(rates)]
+        return out
 
-    async def _claim_marker(
-        self, d: Delivery, charge: bool, limits: tuple[list[str], list[float | int]] | None = None
-    ) -> tuple[str, str]:
-        marker = self.keys.mark(self.cfg.name, d.id)
-        rkeys, rargs = (limits or self._limits(d)) if charge else ([], [])
-        res = await self._claim(
-            keys=[marker, *rkeys],
-            args=[
-                self.owner,
-                f"{self.instance}:",
-                int(self.cfg.claim_idle * 1000),
-                "1" if charge else "0",
-                *rargs,
-            ],
+    async def _claim(self, d: Delivery, limits: Sequence[Limit] | None) -> Claim:
+        """Claim ``d``'s marker and charge ``limits`` (None: only keep the claim alive)."""
+        return await self.scripts.claim_send(
+            self.keys.mark(self.cfg.name, d.id), self.owner, self._claim_ttl_ms, limits
         )
-        status, value = (x.decode() if isinstance(x, bytes) else str(x) for x in res)
-        return status, value
 
-    async def _attempts(self, job: _Job) -> None:
+    async def deliver(self, job: _Job) -> None:
+        """Claim, send and ack one delivery, retrying in place until it is sent or dead."""
         eid, d = job.eid, job.d
         attempt = 0
         marker = self.keys.mark(self.cfg.name, d.id)
-        limits = self._limits(d)
+        sent = self._recent.get(d.id)
+        if sent is not None:  # the same delivery twice in the stream (routed again), just sent:
+            # its done marker may not be in Redis yet, so the claim would not say so
+            self._log(job).info("delivery.duplicate_skipped", remote_id=sent)
+            self.acks.add(Ack(eid, marker, f"done:{sent}"))
+            return
+        limits = self.limits(d)
         # claimed with its batch, nothing to charge, and the claim is fresh: send without asking again
-        claimed = (
+        fresh = (
             job.claimed_at is not None
-            and not limits[0]
+            and not limits
             and time.monotonic() - job.claimed_at < self.cfg.claim_idle / 2
         )
         while True:
-            if claimed:
-                status, value = "ok", "0"
-                claimed = False
+            if fresh:
+                claim, fresh = OK, False
             else:
                 try:
-                    status, value = await self._claim_marker(d, True, limits)
+                    claim = await self._claim(d, limits)
                 except UNAVAILABLE as e:
                     self._log(job).warning("delivery.redis_unavailable", error=str(e))
                     await asyncio.sleep(1.0)
                     continue
-            if status == "done":
-                self._log(job).info("delivery.duplicate_skipped", remote_id=value[5:])
-                self._ack(eid, None, "")
+            if claim.status is ClaimStatus.DONE:
+                self._log(job).info("delivery.duplicate_skipped", remote_id=claim.remote_id)
+                self.acks.add(Ack(eid))
                 return
-            if status == "busy":  # another live instance is sending this delivery now
-                await asyncio.sleep(min(max(int(value), 100) / 1000.0, 5.0))
+            if claim.status is ClaimStatus.BUSY:  # another live instance is sending this delivery now
+                await asyncio.sleep(min(max(claim.wait, 0.1), 5.0))
                 continue
-            if status == "wait":
-                await asyncio.sleep(float(value) / 1000.0)
+            if claim.status is ClaimStatus.WAIT:
+                await asyncio.sleep(claim.wait)
                 continue
+            _raise_if_cancelled()
+            if not self._may_send():  # the lease ended while we waited: the next holder sends it
+                raise asyncio.CancelledError
             attempt += 1
             try:
-                remote_id = await self.sink.send(d, SendContext(d, self))
+                self._sending += 1
+                self._sends_idle.clear()
+                try:
+                    remote_id = await self.sink.send(d, SendContext(d, self, budget=self.cfg.claim_idle / 2))
+                finally:
+                    self._sending -= 1
+                    if not self._sending:
+                        self._sends_idle.set()
             except PermanentError as e:
                 await self._dead(eid, d, f"permanent: {e}", attempt, self._log(job))
                 return
@@ -485,7 +660,10 @@ class Runner:
                 retry_after = None
             else:
                 self.sent += 1
-                self._ack(eid, marker, f"done:{remote_id}")
+                self.acks.add(Ack(eid, marker, f"done:{remote_id}"))
+                self._recent[d.id] = remote_id
+                if len(self._recent) > RECENT:
+                    self._recent.popitem(last=False)
                 return
             log = self._log(job)
             if attempt >= self.cfg.max_attempts:
@@ -511,7 +689,7 @@ class Runner:
             await asyncio.sleep(min(left, step))
             if end - time.monotonic() > 0:
                 with contextlib.suppress(*UNAVAILABLE):
-                    await self._claim_marker(d, charge=False)
+                    await self._claim(d, None)
 
     async def _dead(self, eid: str, d: Delivery, reason: str, attempts: int, log: Any) -> None:
         self.dead += 1
@@ -525,57 +703,9 @@ class Runner:
                 break
             except UNAVAILABLE:
                 await asyncio.sleep(1.0)
-        self._ack(eid, self.keys.mark(self.cfg.name, d.id), "done:dead")
+        self.acks.add(Ack(eid, self.keys.mark(self.cfg.name, d.id), "done:dead"))
 
-    # -- acks --------------------------------------------------------------------------------------
-
-    def _ack(self, eid: str, marker: str | None, value: str) -> None:
-        self._acks.append((eid, marker, value))
-        self._ack_wake.set()
-
-    async def _acker(self) -> None:
-        while True:
-            await self._ack_wake.wait()
-            # linger a moment: more acks come, and the read loop's next claim call may carry them all
-            await asyncio.sleep(ACK_LINGER)
-            self._ack_wake.clear()
-            try:
-                await self._flush_acks()
-            except UNAVAILABLE as e:
-                self.log.warning("runner.ack_failed", error=str(e))
-                await asyncio.sleep(1.0)
-                self._ack_wake.set()
-
-    async def _flush_acks(self) -> None:
-        if self._acks:
-            await self._sync_call([])
-
-    async def _sync_call(self, claim: list[str]) -> list[str]:
-        """Write the acks so far and claim ``claim`` markers, in one round trip."""
-        batch, self._acks = self._acks, []
-        if not batch and not claim:
-            return []
-        keys, args = self._sync_args(batch, claim)
-        try:
-            res = await self._sync(keys=keys, args=args)
-        except BaseException:
-            self._acks[:0] = batch
-            raise
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in res]
-
-    def _sync_args(
-        self, batch: list[tuple[str, str | None, str]], claim: list[str]
-    ) -> tuple[list[str], list[Any]]:
-        """_SYNC's keys and arguments: write the acks of ``batch``, claim the ``claim`` markers."""
-        done = [(m, v) for _, m, v in batch if m is not None]
-        keys = [self.stream, *(m for m, _ in done), *claim]
-        args: list[Any] = [
-            RUNNER_GROUP, DONE_TTL, len(done), len(batch), self.owner, f"{self.instance}:",
-            int(self.cfg.claim_idle * 1000), *(v for _, v in done), *(b[0] for b in batch),
-        ]  # fmt: skip
-        return keys, args
-
-    # -- SendContext's backend ---------------------------------------------------------------------
+    # -- DeliveryServices: what the sink may ask while sending -------------------------------------
 
     async def parts_sent(self, d: Delivery) -> int:
         v = await self.bus.redis.get(self.keys.parts(self.cfg.name, d.id))
@@ -584,21 +714,23 @@ class Runner:
     async def part_sent(self, d: Delivery, n: int) -> None:
         await self.bus.redis.set(self.keys.parts(self.cfg.name, d.id), n, ex=DONE_TTL)
 
+    async def charge_part(self, d: Delivery, deadline: float, progress: str) -> None:
+        """Charge one more part of ``d`` to :meth:`limits`, waiting for quota until ``deadline``
+        (monotonic); past it raise RetryableError so the runner retries (from the parts recorded)."""
+        limits = self.limits(d)
+        while True:
+            if time.monotonic() > deadline:
+                raise RetryableError(f"{progress}; this attempt ran long, the next one goes on", 0.0)
+            wait = await self._limiter.acquire(limits)
+            if wait <= 0:
+                return
+            if time.monotonic() + wait > deadline:
+                raise RetryableError(f"{progress}; waiting for quota before the next part", wait)
+            await asyncio.sleep(wait)
+
+    async def draft(self, envelope_id: str, text: str) -> None:
+        await self.ctx.set_draft(envelope_id, text)
+
     async def reply(self, d: Delivery, text: str, *, seq: int, format: str, **fields: Any) -> bool:
-        env = d.envelope
-        origin = env.origin if env.kind == "reply" and env.origin else Origin(
-            source=env.source, conversation=env.conversation, envelope_id=env.id, sender=env.sender
-        )  # fmt: skip
-        reply = make_envelope(
-            self.cfg.name,
-            origin.conversation,
-            text,
-            id=stable_id("reply", d.id, str(seq)),
-            kind="reply",
-            reply_to=env.id,
-            origin=origin,
-            hops=env.hops + 1,
-            format=format,
-            **fields,
-        )
-        return await self.bus.publish(reply, dedupe_key=reply.id)
+        env = reply_envelope(d, self.cfg.name, text, seq=seq, format=format, **fields)
+        return await self.bus.publish(env, dedupe_key=env.id)

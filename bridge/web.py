@@ -1,32 +1,73 @@
-"""The daemon's one aiohttp app: /healthz, /readyz, /metrics and the inbound adapters' routes."""
+"""The daemon's aiohttp apps: /healthz, /readyz, /metrics and the inbound adapters' routes.
+
+With ``[http] admin_listen`` set, /readyz and /metrics move to a second app on that (private) address
+(:func:`build_admin_app`) and the public one keeps /healthz and the inbound routes. Every answer says
+``Server: wechat-bridge`` (no Python or aiohttp version); /healthz names no host; what /readyz says
+goes through :func:`bridge.redact.scrub` (a URL with a password in it is shown without it).
+
+The app sees the daemon only through :class:`Status`, the little it needs to answer those three
+endpoints, so this module does not import the daemon (and the daemon imports it without a cycle).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 
 from bridge import logging as blog
-from bridge.bus import UNAVAILABLE, BusUnavailable
-from bridge.poller import feed_metric_lines
-
-if TYPE_CHECKING:
-    from bridge.daemon import Daemon
+from bridge import refusals
+from bridge.adapter import Handler, HttpRoute
+from bridge.bus import UNAVAILABLE
+from bridge.errors import BusUnavailable
+from bridge.limits import BODY_TIMEOUT_KEY
+from bridge.listener import request_in_progress
+from bridge.redact import scrub
 
 log = blog.get("web")
 
 
-def guarded(handler: Any) -> Any:
+@dataclass(frozen=True)
+class Counters:
+    """What /metrics shows: messages routed, sent and dead-lettered per sink, crashes per task."""
+
+    routed: int = 0
+    sent: Mapping[str, int] = field(default_factory=dict)
+    dead: Mapping[str, int] = field(default_factory=dict)
+    task_crashes: Mapping[str, int] = field(default_factory=dict)
+    #: more lines in the Prometheus text format, already rendered (the feeds': bridge.poller)
+    extra: Sequence[str] = ()
+
+
+class Status(Protocol):
+    """What the web app asks of the daemon."""
+
+    @property
+    def instance(self) -> str:
+        """This daemon's instance name (in /healthz and /readyz)."""
+        ...
+
+    async def readiness(self) -> dict[str, str]:
+        """What is not ready, by name, and why (empty when all is)."""
+        ...
+
+    def counters(self) -> Counters:
+        """The counters /metrics shows, as they are now."""
+        ...
+
+
+def guarded(handler: Handler) -> Handler:
     """``handler`` with the part written once for every inbound: Redis down → 503 (the platform
     retries), nothing lost; a bug → 500 with a log line, never a traceback to the caller.
 
     A wrapper per route rather than an aiohttp middleware: the same effect, without the middleware
-    machinery aiohttp then runs on every request (a few percent of a callback's cost)."""
+    machinery aiohttp would then run on every request, the health probes included."""
 
     async def guard(request: web.Request) -> web.StreamResponse:
         try:
-            resp: web.StreamResponse = await handler(request)
-            return resp
+            return await handler(request)
         except web.HTTPException:
             raise
         except (BusUnavailable, *UNAVAILABLE) as e:
@@ -39,38 +80,84 @@ def guarded(handler: Any) -> Any:
     return guard
 
 
-def build_app(daemon: Daemon) -> web.Application:
-    app = web.Application(client_max_size=daemon.config.http.max_body)
+def render_metrics(c: Counters) -> str:
+    """The Prometheus text format of ``c``."""
+    lines = [
+        "# TYPE wechat_bridge_routed_total counter",
+        f"wechat_bridge_routed_total {c.routed}",
+        "# TYPE wechat_bridge_sent_total counter",
+        "# TYPE wechat_bridge_dead_total counter",
+    ]
+    for name, sent in c.sent.items():
+        lines.append(f'wechat_bridge_sent_total{{sink="{name}"}} {sent}')
+        lines.append(f'wechat_bridge_dead_total{{sink="{name}"}} {c.dead.get(name, 0)}')
+    for name, n in c.task_crashes.items():
+        lines.append(f'wechat_bridge_task_crashes_total{{task="{name}"}} {n}')
+    lines += c.extra
+    return "\n".join(lines) + "\n" + refusals.render()
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "alive", "instance": daemon.instance})
 
+#: what every answer says in its ``Server`` header (aiohttp's default names Python's and its version)
+SERVER = "wechat-bridge"
+
+
+async def _server_header(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER
+
+
+def _app(max_body: int, body_timeout: float | None) -> web.Application:
+    app = web.Application(client_max_size=max_body, middlewares=[request_in_progress])
+    app.on_response_prepare.append(_server_header)
+    if body_timeout is not None:
+        app[BODY_TIMEOUT_KEY] = body_timeout
+    return app
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+def _add_admin_routes(app: web.Application, status: Status) -> None:
     async def readyz(_: web.Request) -> web.Response:
-        problems = await daemon.readiness()
-        body = {"ready": not problems, "instance": daemon.instance, "not_ready": problems}
+        problems = {k: scrub(v) for k, v in (await status.readiness()).items()}
+        body = {"ready": not problems, "instance": status.instance, "not_ready": problems}
         return web.json_response(body, status=200 if not problems else 503)
 
     async def metrics(_: web.Request) -> web.Response:
-        lines = [
-            "# TYPE wechat_bridge_routed_total counter",
-            f"wechat_bridge_routed_total {daemon.router.routed if daemon.router else 0}",
-            "# TYPE wechat_bridge_sent_total counter",
-            "# TYPE wechat_bridge_dead_total counter",
-        ]
-        for name, r in daemon.runners.items():
-            lines.append(f'wechat_bridge_sent_total{{sink="{name}"}} {r.sent}')
-            lines.append(f'wechat_bridge_dead_total{{sink="{name}"}} {r.dead}')
-        for name, c in daemon.supervisor.crashes.items():
-            lines.append(f'wechat_bridge_task_crashes_total{{task="{name}"}} {c}')
-        lines += feed_metric_lines(daemon.sources.items())  # polls, items, errors per feed
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        return web.Response(text=render_metrics(status.counters()), content_type="text/plain")
 
-    app.router.add_get("/healthz", guarded(healthz))
     app.router.add_get("/readyz", guarded(readyz))
     app.router.add_get("/metrics", guarded(metrics))
+
+
+def build_admin_app(status: Status) -> web.Application:
+    """The private app for ``[http] admin_listen``: /healthz, /readyz and /metrics."""
+    app = _app(4096, None)
+    app.router.add_get("/healthz", guarded(_healthz))
+    _add_admin_routes(app, status)
+    return app
+
+
+def build_app(
+    status: Status,
+    *,
+    max_body: int,
+    routes: Iterable[tuple[str, Sequence[HttpRoute]]] = (),
+    admin: bool = True,
+    body_timeout: float | None = None,
+) -> web.Application:
+    """The app: /healthz, each inbound's routes (``routes``: by inbound name) and, with ``admin``
+    (no separate admin listener), /readyz and /metrics; ``body_timeout``: the body read deadline of
+    its inbounds (:func:`bridge.limits.read_capped`).
+
+    Two inbounds claiming the same method and path is a configuration error naming both."""
+    app = _app(max_body, body_timeout)
+    app.router.add_get("/healthz", guarded(_healthz))
+    if admin:
+        _add_admin_routes(app, status)
     taken: dict[tuple[str, str], str] = {}
-    for name, src in daemon.sources.items():
-        for route in src.routes():
+    for name, declared in routes:
+        for route in declared:
             key = (route.method.upper(), route.path)
             if key in taken:
                 raise ValueError(f"inbound.{name}.path: {route.path} is already served by {taken[key]}")

@@ -19,10 +19,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge import logging as blog
-from bridge.adapter import PermanentError, Registry, RetryableError, SendContext, Sink
+from bridge import refusals
+from bridge.adapter import Registry, SendContext, Sink
 from bridge.config import Config, load
 from bridge.daemon import Daemon
 from bridge.envelope import Delivery
+from bridge.errors import PermanentError, RetryableError
 
 REDIS_URL = os.environ.get("WB_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
@@ -32,6 +34,12 @@ blog.setup("debug", "console")
 @pytest.fixture
 def redis_url() -> str:
     return REDIS_URL
+
+
+@pytest.fixture(autouse=True)
+def _fresh_refusal_counts() -> None:
+    """Each test starts with no refusal counted or logged (bridge/refusals.py keeps them per process)."""
+    refusals.reset()
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ a receiver can dedupe. 2xx = delivered (remote id: the response's ``id`` field o
 429 and 5xx = retry, honouring Retry-After; any other 4xx (and a 3xx: redirects are not followed)
 = permanent.
 
-Plain ``http://`` URLs go through a small keep-alive HTTP/1.1 client (adapters/generic/http1.py,
-about a fifth of aiohttp's CPU per request); ``https://`` and URLs with credentials through the
-daemon's aiohttp session.
+Plain ``http://`` URLs go through a small keep-alive HTTP/1.1 client (bridge/http1.py);
+``https://`` and URLs with credentials through the daemon's aiohttp session. Both sit behind one
+interface (bridge/transport.py, which says why there are two).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import yarl
 
-from adapters.generic.http1 import Http1Pool, ProtocolError, supports
-from bridge.adapter import Context, PermanentError, RetryableError, SendContext, Sink
+from bridge.adapter import Context, SendContext, Sink
 from bridge.config import Secret
 from bridge.envelope import Delivery, encode
+from bridge.errors import PermanentError, RetryableError
+from bridge.http1 import Http1Pool, ProtocolError
 
 #: header names the sink sets itself; the same names in ``headers`` are ignored
 _OWN = {
@@ -89,17 +89,13 @@ class HttpSink(Sink):
     def __init__(self, name: str, options: HttpOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         extra = [(k, v) for k, v in options.headers.items() if k.lower() not in _OWN]
-        self._pool: Http1Pool | None = None
-        if supports(options.url):
-            self._pool = Http1Pool(options.url, [*extra, ("Content-Type", "application/json")])
-        self._url = yarl.URL(options.url)
-        self._headers = dict(extra)
-        self._timeout = aiohttp.ClientTimeout(total=options.timeout)
+        self._poster = ctx.poster(options.url, [*extra, ("Content-Type", "application/json")])
+        #: the small client when it serves this URL (plain http://), else None
+        self._pool: Http1Pool | None = self._poster if isinstance(self._poster, Http1Pool) else None
         self._secret = options.secret.reveal().encode() if options.secret else None
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        await self._poster.close()
 
     async def send(self, delivery: Delivery, ctx: SendContext) -> str:
         body = encode(delivery)
@@ -108,32 +104,16 @@ class HttpSink(Sink):
         if self._secret is not None:
             mac = hmac.new(self._secret, ts.encode() + b"." + body, hashlib.sha256)
             headers.append(("X-Bridge-Signature", "sha256=" + mac.hexdigest()))
-        if self._pool is not None:
-            try:
-                resp = await self._pool.post(headers, body, self.options.timeout)
-            except ValueError as e:
-                raise PermanentError(str(e)) from None
-            except (OSError, TimeoutError, EOFError, ProtocolError) as e:  # IncompleteReadError: EOFError
-                raise RetryableError(f"cannot reach the receiver: {type(e).__name__}: {e}") from None
-            status, text, after = resp.status, resp.body, resp.headers.get("retry-after")
-        else:
-            status, text, after = await self._aiohttp_post(headers, body)
+        try:
+            resp = await self._poster.post(headers, body, self.options.timeout)
+        except ValueError as e:
+            raise PermanentError(str(e)) from None
+        # IncompleteReadError is an EOFError; aiohttp's connection errors are OSErrors
+        except (OSError, TimeoutError, EOFError, ProtocolError, aiohttp.ClientError) as e:
+            raise RetryableError(f"cannot reach the receiver: {type(e).__name__}: {e}") from None
+        status, text, after = resp.status, resp.body, resp.headers.get("retry-after")
         if 200 <= status < 300:
             return _remote_id(text, delivery)
         if status == 429 or status >= 500:
             raise RetryableError(f"HTTP {status} from the receiver", retry_after(after))
         raise PermanentError(f"HTTP {status} from the receiver: {text[:200].decode(errors='replace')}")
-
-    async def _aiohttp_post(
-        self, headers: list[tuple[str, str]], body: bytes
-    ) -> tuple[int, bytes, str | None]:
-        try:
-            async with self.ctx.http().post(
-                self._url,
-                data=body,
-                headers={**self._headers, "Content-Type": "application/json", **dict(headers)},
-                timeout=self._timeout,
-            ) as resp:
-                return resp.status, await resp.read(), resp.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise RetryableError(f"cannot reach the receiver: {type(e).__name__}: {e}") from None

@@ -36,23 +36,21 @@ from typing import Any
 
 import msgspec
 
-from adapters.wecom.api import (
-    OA_API,
-    ApiError,
-    OfficialAccountApi,
+from adapters.wechat.client import OA_API, OfficialAccountApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.parts import (
     Part,
-    PartQuota,
     article,
     attachment_line,
     check_limit,
     fits,
-    send_error,
     send_parts,
     text_parts,
 )
-from bridge.adapter import Context, PermanentError, SendContext, Sink
+from bridge.adapter import Context, SendContext, Sink
 from bridge.config import Secret
 from bridge.envelope import Delivery, Envelope
+from bridge.errors import PermanentError
 
 
 class OAOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -124,7 +122,6 @@ class WeChatOASink(Sink):
             state_key=ctx.state_key,
             refresh_ratio=options.refresh_ratio,
         )
-        self.quota = PartQuota(self, self.default_rate)
 
     async def send(self, delivery: Delivery, ctx: SendContext) -> str:
         openid = openid_of(delivery)
@@ -146,5 +143,5 @@ class WeChatOASink(Sink):
                 ) from None
             return None
 
-        await send_parts(ctx, parts, one, self.quota)
+        await send_parts(ctx, parts, one)
         return f"oa:{openid}:{len(parts)}"

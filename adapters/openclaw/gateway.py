@@ -24,7 +24,7 @@ import contextlib
 import random
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +41,10 @@ __all__ = [
     "FrameTooLarge",
     "GatewayClient",
     "GatewayError",
+    "GatewayRefused",
     "HistoryMatch",
     "NotConnected",
-    "Refused",
-    "RunFailed",
+    "RunEnded",
     "final_answer",
     "find_in_history",
     "message_text",
@@ -119,7 +119,7 @@ class NotConnected(Exception):
     """No connection within the time a caller was ready to wait."""
 
 
-class Refused(Exception):
+class GatewayRefused(Exception):
     """The gateway refused the connection for a reason a person must fix (token, pairing, protocol)."""
 
 
@@ -132,7 +132,7 @@ class FrameTooLarge(Exception):
         )
 
 
-class RunFailed(Exception):
+class RunEnded(Exception):
     """The agent run ended without an answer to deliver (error, abort, timeout)."""
 
 
@@ -143,26 +143,26 @@ class _Retry(Exception):
 
 
 def connect_refusal(err: GatewayError, device_id: str) -> Exception:
-    """What a failed ``connect`` means: :class:`Refused` (needs a person) or a retry."""
+    """What a failed ``connect`` means: :class:`GatewayRefused` (needs a person) or a retry."""
     code = err.detail_code
     if err.code == "UNAVAILABLE" or code == "AUTH_RATE_LIMITED":
         return _Retry(f"gateway busy: {err.message}", err.retry_after)
     if code == "PAIRING_REQUIRED":
         req = err.details.get("requestId")
         how = f"openclaw devices approve {req}" if req else "openclaw devices list, then approve"
-        return Refused(
+        return GatewayRefused(
             f"the gateway wants this device paired (device id {device_id}): on the gateway host run {how}"
         )
     if code.startswith("AUTH_") or "unauthorized" in err.message.lower():
-        return Refused(
+        return GatewayRefused(
             f"the gateway refused the credentials: {err.message} ({code or err.code}); "
             "check token (or password) of this outbound against gateway.auth on the gateway"
         )
     if code.startswith("DEVICE_"):
-        return Refused(f"the gateway refused the device identity: {err.message} ({code})")
+        return GatewayRefused(f"the gateway refused the device identity: {err.message} ({code})")
     if code in ("PROTOCOL_MISMATCH", "CLIENT_VERSION_MISMATCH"):
-        return Refused(f"the gateway does not speak protocol {PROTOCOL}: {err.message} ({code})")
-    return Refused(f"the gateway refused the connection: {err.message} ({code or err.code})")
+        return GatewayRefused(f"the gateway does not speak protocol {PROTOCOL}: {err.message} ({code})")
+    return GatewayRefused(f"the gateway refused the connection: {err.message} ({code or err.code})")
 
 
 # -- the connection ----------------------------------------------------------------------------------
@@ -222,6 +222,7 @@ class GatewayClient:
         password: Secret | None,
         device: DeviceIdentity | None,
         log: Any,
+        http: Callable[[], aiohttp.ClientSession],
         display_name: str = "wechat-bridge",
         version: str = "0.1.0",
         handshake_timeout: float = 15.0,
@@ -234,6 +235,8 @@ class GatewayClient:
         self._password = password
         self.device = device
         self.log = log
+        #: the daemon's one HTTP client (``Context.http``): the WebSocket is opened through it
+        self._http = http
         self.display_name = display_name
         self.version = version
         self.handshake_timeout = handshake_timeout
@@ -251,13 +254,11 @@ class GatewayClient:
         self._runs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self._send_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._session = aiohttp.ClientSession()
         self._task = asyncio.create_task(self._run(), name=f"openclaw:{self.url}")
 
     async def close(self) -> None:
@@ -265,15 +266,16 @@ class GatewayClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
     async def connection(self, timeout: float) -> Connection:
-        """The live connection, waiting up to ``timeout`` s; :class:`Refused` or :class:`NotConnected`."""
+        """The live connection, waiting up to ``timeout`` s.
+
+        Raises :class:`GatewayRefused` or :class:`NotConnected`.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         async with self._changed:
@@ -281,7 +283,7 @@ class GatewayClient:
                 if self.conn is not None and not self.conn.closed:
                     return self.conn
                 if self.problem is not None:
-                    raise Refused(self.problem)
+                    raise GatewayRefused(self.problem)
                 left = end - loop.time()
                 if left <= 0:
                     raise NotConnected(f"no connection to {self.url} within {timeout:g} s: {self.last_error}")
@@ -297,7 +299,7 @@ class GatewayClient:
                 await self._connect_and_read()
             except asyncio.CancelledError:
                 raise
-            except Refused as e:
+            except GatewayRefused as e:
                 self.problem = str(e)
                 self.last_error = str(e)
                 self.log.error("openclaw.refused", url=self.url, reason=str(e), retry_in=self.refused_retry)
@@ -368,8 +370,7 @@ class GatewayClient:
         return frame
 
     async def _connect_and_read(self) -> None:
-        assert self._session is not None
-        ws = await self._session.ws_connect(
+        ws = await self._http().ws_connect(
             self.url,
             heartbeat=self.heartbeat,
             autoping=True,
@@ -403,7 +404,7 @@ class GatewayClient:
             hello = frame.get("payload")
             if not isinstance(hello, dict) or hello.get("protocol") != PROTOCOL:
                 got = hello.get("protocol") if isinstance(hello, dict) else None
-                raise Refused(f"the gateway answered protocol {got}; this bridge speaks {PROTOCOL}")
+                raise GatewayRefused(f"the gateway answered protocol {got}; this bridge speaks {PROTOCOL}")
             self._epoch += 1
             conn = Connection(ws, hello, self._epoch)
             previous_boot = self.conn.boot_id if self.conn is not None else None
@@ -521,13 +522,13 @@ class Answer:
 
 
 def final_answer(payload: dict[str, Any], run_id: str) -> Answer:
-    """The answer in an ``agent`` final response payload (``status: ok``); RunFailed otherwise."""
+    """The answer in an ``agent`` final response payload (``status: ok``); RunEnded otherwise."""
     status = payload.get("status")
     if status != "ok":
         why = payload.get("summary") or payload.get("error") or payload.get("stopReason") or "no reason given"
         if status == "timeout":
-            raise RunFailed(f"the agent run was aborted ({payload.get('stopReason') or 'timeout'}): {why}")
-        raise RunFailed(f"the agent run failed ({status}): {why}")
+            raise RunEnded(f"the agent run was aborted ({payload.get('stopReason') or 'timeout'}): {why}")
+        raise RunEnded(f"the agent run failed ({status}): {why}")
     result = payload.get("result")
     payloads = result.get("payloads") if isinstance(result, dict) else None
     texts: list[str] = []
@@ -547,7 +548,7 @@ def final_answer(payload: dict[str, Any], run_id: str) -> Answer:
             continue
         (errors if p.get("isError") else texts).append(text)
     if errors and not texts:
-        raise RunFailed(f"the agent run failed: {' / '.join(errors)}")
+        raise RunEnded(f"the agent run failed: {' / '.join(errors)}")
     return Answer(run_id, "\n\n".join(texts))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from bridge.adapter import PermanentError, RetryableError
+from bridge.errors import PermanentError, RetryableError
 
 __all__ = ["AuthRejected", "chat_completion", "http_base"]
 

@@ -62,9 +62,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,18 +83,19 @@ from adapters.openclaw.gateway import (
     FrameTooLarge,
     GatewayClient,
     GatewayError,
+    GatewayRefused,
     NotConnected,
-    Refused,
-    RunFailed,
+    RunEnded,
     final_answer,
     find_in_history,
     message_text,
     ok_payload,
 )
 from adapters.openclaw.http import AuthRejected, chat_completion, http_base
-from bridge.adapter import Context, PermanentError, RetryableError, SendContext, Sink
-from bridge.config import ConfigError, Secret
+from bridge.adapter import Context, SendContext, Sink
+from bridge.config import Secret
 from bridge.envelope import Delivery
+from bridge.errors import ConfigError, PermanentError, RetryableError
 
 __all__ = [
     "KeyRejected",
@@ -184,7 +187,6 @@ class OpenClawSink(Sink):
     def __init__(self, name: str, options: OpenClawOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         self.client: GatewayClient | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._http_problem: str | None = None
         self._probe: asyncio.Task[None] | None = None
 
@@ -201,7 +203,6 @@ class OpenClawSink(Sink):
                 )
         o = self.options
         if o.mode == "http":
-            self._http = aiohttp.ClientSession()
             self._probe = asyncio.create_task(self._probe_http(), name=f"openclaw-probe:{self.name}")
             return
         path = Path(o.device_key) if o.device_key else self.ctx.data_dir / "openclaw" / "device-ed25519.pem"
@@ -216,6 +217,7 @@ class OpenClawSink(Sink):
             password=o.password,
             device=device,
             log=self.log,
+            http=self.ctx.http,
             display_name=o.display_name,
         )
         self.client.start()
@@ -227,16 +229,15 @@ class OpenClawSink(Sink):
             await asyncio.gather(self._probe, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
-        if self._http is not None:
-            await self._http.close()
 
     async def _probe_http(self) -> None:
         """HTTP mode: check the credentials once at start, so /readyz can tell a bad token early."""
-        assert self._http is not None
         url = http_base(self.options.url) + "/v1/models"
         headers = {"Authorization": f"Bearer {self.options.secret}"}
         try:
-            async with self._http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with self.ctx.http().get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+            ) as r:
                 if r.status in (401, 403):
                     self._http_problem = (
                         f"the gateway refused the credentials (HTTP {r.status} from {url}); "
@@ -363,10 +364,9 @@ class OpenClawSink(Sink):
     async def _send_http(
         self, d: Delivery, ctx: SendContext, agent: str, session: str, message: str
     ) -> Answer:
-        assert self._http is not None
         try:
             text = await chat_completion(
-                self._http,
+                self.ctx.http(),
                 base=http_base(self.options.url),
                 secret=self.options.secret,
                 agent=agent,
@@ -389,7 +389,7 @@ class OpenClawSink(Sink):
         assert self.client is not None
         try:
             return await self.client.connection(self.options.connect_timeout)
-        except Refused as e:
+        except GatewayRefused as e:
             raise PermanentError(str(e)) from None
         except NotConnected as e:
             raise RetryableError(str(e)) from None
@@ -418,84 +418,97 @@ class OpenClawSink(Sink):
     async def _turn(
         self, d: Delivery, ctx: SendContext, agent: str, session: str, message: str, state_key: str
     ) -> Answer:
+        """One turn as two named steps until an answer: :attr:`TurnStep.LOOK` (an earlier attempt sent
+        it: find its answer, or its recovery run, in the session's history) and :attr:`TurnStep.SEND`
+        (send it under the current key and read the answer)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.timeout + 30
-        redis = self.ctx.redis
-        state = await redis.hgetall(state_key)
+        state = await self.ctx.redis.hgetall(state_key)
         gen = int(state.get(b"gen", 0)) if state else 0
-        sent_boot: str | None = state.get(b"boot", b"").decode() if state else None
-        resend = bool(state)  # an earlier attempt sent this turn: look before sending again
+        turn = _Turn(
+            d, ctx, agent, session, message, state_key,
+            deadline=loop.time() + self.options.timeout + 30,
+            gen=gen,
+            first_gen=gen,
+            sent_boot=state.get(b"boot", b"").decode() if state else None,
+            resend=bool(state),  # an earlier attempt sent this turn: look before sending again
+            log=self.log.bind(delivery=d.id, session=session),
+        )  # fmt: skip
         if state.get(b"failed"):  # the run failed and was dead-lettered; this is a replay: run again
-            gen, sent_boot, resend = gen + 1, None, False
-        first_gen = gen
-        rejected = False  # the gateway refused the current key (after its restart)
-        waiting_since: float | None = None
-        log = self.log.bind(delivery=d.id, session=session)
+            turn.gen, turn.first_gen, turn.sent_boot, turn.resend = gen + 1, gen + 1, None, False
+        step = TurnStep.LOOK if turn.resend else TurnStep.SEND
         while True:
-            if loop.time() > deadline:
+            if loop.time() > turn.deadline:
                 raise RetryableError(f"no answer from the agent within {self.options.timeout:g} s")
             conn = await self._connection()
-            if resend:
-                keys = [self.run_key(d.id, g) for g in range(gen + 1)]
-                try:
-                    match = find_in_history(await self._history(conn, session), keys)
-                except ConnectionLost:
-                    continue
-                if match.failed:
-                    raise RunFailedError(match.failed)
-                if match.answer is not None:
-                    log.info("openclaw.found_in_history", run=match.answer.run_id)
-                    return match.answer
-                restarted = rejected or (sent_boot is not None and sent_boot != conn.boot_id)
-                if match.recovery_run:
-                    # the gateway re-runs the turn its restart interrupted: wait for that run's answer
-                    log.info("openclaw.awaiting_recovery_run", run=match.recovery_run)
-                    try:
-                        async with self._drafting(d, ctx, match.recovery_run):
-                            answer = await self._wait(conn, match.recovery_run, deadline, slice_s=30.0)
-                    except ConnectionLost:
-                        continue
-                    if answer is not None:
-                        return answer
-                    continue
-                if restarted and match.seen:
-                    waiting_since = waiting_since if waiting_since is not None else loop.time()
-                    if loop.time() - waiting_since < self.options.recovery_wait:
-                        await asyncio.sleep(2.0)
-                        continue
-                    log.warning("openclaw.no_recovery_run", waited=self.options.recovery_wait)
-                    gen += 1
-                elif rejected:
-                    gen += 1  # the turn never reached the transcript and the old key is dead
-                if gen - first_gen > MAX_NEW_KEYS:
-                    raise RetryableError(
-                        "the gateway keeps refusing new keys for this turn after its restart"
-                    )
-                rejected = False
-                waiting_since = None
-            key = self.run_key(d.id, gen)
-            params = self._params(key, agent, session, message)
-            pipe: Any = redis.pipeline(transaction=True)
-            pipe.hset(state_key, mapping={"gen": gen, "boot": conn.boot_id})
-            pipe.hdel(state_key, "failed")
-            pipe.expire(state_key, STATE_TTL)
-            await pipe.execute()
-            sent_boot = conn.boot_id
-            if resend:
-                log.info("openclaw.resend", run=key)
+            outcome = await (self._look(turn, conn) if step is TurnStep.LOOK else self._send_turn(turn, conn))
+            if isinstance(outcome, Answer):
+                return outcome
+            step = outcome
+
+    async def _look(self, turn: _Turn, conn: Connection) -> Answer | TurnStep:
+        """The answer of an earlier attempt, or what to do next: look again, or send."""
+        loop = asyncio.get_running_loop()
+        keys = [self.run_key(turn.d.id, g) for g in range(turn.gen + 1)]
+        try:
+            match = find_in_history(await self._history(conn, turn.session), keys)
+        except ConnectionLost:
+            return TurnStep.LOOK
+        if match.failed:
+            raise RunFailedError(match.failed)
+        if match.answer is not None:
+            turn.log.info("openclaw.found_in_history", run=match.answer.run_id)
+            return match.answer
+        restarted = turn.rejected or (turn.sent_boot is not None and turn.sent_boot != conn.boot_id)
+        if match.recovery_run:
+            # the gateway re-runs the turn its restart interrupted: wait for that run's answer
+            turn.log.info("openclaw.awaiting_recovery_run", run=match.recovery_run)
             try:
-                async with self._drafting(d, ctx, key):
-                    return await self._run(conn, key, params, deadline)
-            except ConnectionLost as e:
-                if e.code == 1009:
-                    raise PermanentError(
-                        f"the gateway closed the connection on this message as too big (1009): {e}"
-                    ) from None
-                log.warning("openclaw.connection_lost", run=key, code=e.code)
-            except KeyRejected as e:
-                log.warning("openclaw.key_rejected", run=key, reason=str(e))
-                rejected = True
-            resend = True
+                async with self._drafting(turn.d, turn.ctx, match.recovery_run):
+                    answer = await self._wait(conn, match.recovery_run, turn.deadline, slice_s=30.0)
+            except ConnectionLost:
+                return TurnStep.LOOK
+            return answer if answer is not None else TurnStep.LOOK
+        if restarted and match.seen:
+            turn.waiting_since = turn.waiting_since if turn.waiting_since is not None else loop.time()
+            if loop.time() - turn.waiting_since < self.options.recovery_wait:
+                await asyncio.sleep(2.0)
+                return TurnStep.LOOK
+            turn.log.warning("openclaw.no_recovery_run", waited=self.options.recovery_wait)
+            turn.gen += 1
+        elif turn.rejected:
+            turn.gen += 1  # the turn never reached the transcript and the old key is dead
+        if turn.gen - turn.first_gen > MAX_NEW_KEYS:
+            raise RetryableError("the gateway keeps refusing new keys for this turn after its restart")
+        turn.rejected = False
+        turn.waiting_since = None
+        return TurnStep.SEND
+
+    async def _send_turn(self, turn: _Turn, conn: Connection) -> Answer | TurnStep:
+        """Send the turn under the current key (recorded first) and read its answer."""
+        key = self.run_key(turn.d.id, turn.gen)
+        params = self._params(key, turn.agent, turn.session, turn.message)
+        pipe: Any = self.ctx.redis.pipeline(transaction=True)
+        pipe.hset(turn.state_key, mapping={"gen": turn.gen, "boot": conn.boot_id})
+        pipe.hdel(turn.state_key, "failed")
+        pipe.expire(turn.state_key, STATE_TTL)
+        await pipe.execute()
+        turn.sent_boot = conn.boot_id
+        if turn.resend:
+            turn.log.info("openclaw.resend", run=key)
+        try:
+            async with self._drafting(turn.d, turn.ctx, key):
+                return await self._run(conn, key, params, turn.deadline)
+        except ConnectionLost as e:
+            if e.code == 1009:
+                raise PermanentError(
+                    f"the gateway closed the connection on this message as too big (1009): {e}"
+                ) from None
+            turn.log.warning("openclaw.connection_lost", run=key, code=e.code)
+        except KeyRejected as e:
+            turn.log.warning("openclaw.key_rejected", run=key, reason=str(e))
+            turn.rejected = True
+        turn.resend = True
+        return TurnStep.LOOK
 
     async def _history(self, conn: Connection, session: str) -> list[Any]:
         assert self.client is not None
@@ -543,7 +556,7 @@ class OpenClawSink(Sink):
                     raise KeyRejected(str(payload.get("summary")))
                 try:
                     return final_answer(payload, str(payload.get("runId") or key))
-                except RunFailed as e:
+                except RunEnded as e:
                     raise run_failure(payload, e) from None
         finally:
             call.close()
@@ -574,16 +587,51 @@ class OpenClawSink(Sink):
                 return Answer(run_id, text if isinstance(text, str) else "")
             if status == "error" or (status == "timeout" and isinstance(p.get("endedAt"), int | float)):
                 why = p.get("error") or p.get("stopReason") or status
-                raise run_failure(p, RunFailed(f"the agent run failed ({status}): {why}"))
+                raise run_failure(p, RunEnded(f"the agent run failed ({status}): {why}"))
             if slice_s is not None:
                 return None
+
+
+class TurnStep(enum.Enum):
+    """Where a turn stands (:meth:`OpenClawSink._turn`)."""
+
+    #: an earlier attempt sent the turn: look for its answer in the session's history first
+    LOOK = "look"
+    #: send the turn under the current key and read the answer
+    SEND = "send"
+
+
+@dataclass
+class _Turn:
+    """One delivery's turn, as its steps see and change it."""
+
+    d: Delivery
+    ctx: SendContext
+    agent: str
+    session: str
+    message: str
+    state_key: str
+    #: loop time by which the answer must be in
+    deadline: float
+    #: the generation of the run key (a new key after a restart lost the turn)
+    gen: int
+    first_gen: int
+    #: the gateway boot the turn was last sent to (None: not sent yet)
+    sent_boot: str | None
+    #: an earlier attempt sent the turn
+    resend: bool
+    log: Any
+    #: the gateway refused the current key (after its restart)
+    rejected: bool = False
+    #: loop time the wait for a recovery run began
+    waiting_since: float | None = None
 
 
 class RunFailedError(PermanentError):
     """The agent run failed, was aborted or timed out: a dead letter with the gateway's reason."""
 
 
-def run_failure(payload: dict[str, Any], e: RunFailed) -> Exception:
+def run_failure(payload: dict[str, Any], e: RunEnded) -> Exception:
     """A run that ended without an answer: dead letter, unless the gateway aborted it to restart."""
     if payload.get("stopReason") == "restart":
         return RetryableError(f"{e} (the gateway is restarting)", retry_after=5.0)
@@ -596,7 +644,7 @@ def turn_error(e: GatewayError) -> Exception:
         return KeyRejected(str(e))
     if e.payload.get("status") in ("error", "timeout"):  # the run itself failed (an ok:false final)
         return run_failure(
-            e.payload, RunFailed(f"the agent run failed: {e.payload.get('summary') or e.message}")
+            e.payload, RunEnded(f"the agent run failed: {e.payload.get('summary') or e.message}")
         )
     if e.code == "UNAVAILABLE" or e.retryable:
         return RetryableError(f"the gateway is unavailable: {e.message}", retry_after=e.retry_after or 5.0)

@@ -29,7 +29,7 @@ Config::
     # stream_window = 330           # seconds an answer may still go into the stream (WeCom polls ≤ 360)
     # timestamp_tolerance = 300     # seconds, 0 = off
     # dedupe_ttl = 86400
-    # max_body = 65536
+    # max_body = 32768
 """
 
 from __future__ import annotations
@@ -41,15 +41,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from adapters.wechat_crypto import WXBizMsgCrypt
-from adapters.wechat_inbound import (
-    InboundOptions,
-    Refused,
-    check_aes_key,
-    field,
-    parse_json_object,
-    read_body,
-)
+from adapters.wechat.callback import InboundOptions, check_aes_key, read_body
+from adapters.wechat.crypto import WXBizMsgCrypt
+from adapters.wechat.parsing import CallbackRefused, field, parse_json_object
+from adapters.wecom.aibot_state import ADAPTER, FinalBy, StreamState
 from adapters.wecom.app_callback import WeComSigned
 from bridge.adapter import Context
 from bridge.config import Secret
@@ -59,11 +54,6 @@ from bridge.envelope import Attachment, Conversation, Envelope, Sender, make_env
 CONTENT_MAX_BYTES = 20_480
 #: WeCom keeps polling a stream for at most this long
 STREAM_MAX_WINDOW = 360
-#: a response_url may be used once within this many seconds of the message
-RESPONSE_URL_TTL = 3600
-#: how long the per-message state lives
-STATE_TTL = 7200
-STATE_ADAPTER = "wecom_aibot"
 
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STREAM_ID_MAX = 128
@@ -139,7 +129,7 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     elif user:
         conv = Conversation(user, "direct")
     else:
-        raise Refused(400, "payload has no from.userid")
+        raise CallbackRefused(400, "payload has no from.userid")
     key = (
         stable_id(source, "msg", msg_id)
         if msg_id
@@ -165,6 +155,10 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     if stream and kind == "message":
         meta["stream_id"] = key
     created = msg.get("create_time")
+    if not isinstance(created, int) or isinstance(created, bool):
+        created = None  # not a time: left out, as before
+    elif not 0 <= created < 2**40:
+        raise CallbackRefused(400, "bad create_time")  # float() of 10**400 would overflow
     aibot_id = field(msg, "aibotid")
     env = make_envelope(
         source,
@@ -180,11 +174,7 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
         event=event,
         meta=meta,
         raw=msg,
-        **(
-            {"created_at": float(created)}
-            if isinstance(created, int) and not isinstance(created, bool)
-            else {}
-        ),
+        **({"created_at": float(created)} if created is not None else {}),
     )
     return env, key
 
@@ -201,22 +191,23 @@ class WeComAIBotSource(WeComSigned):
     async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
         sig, ts, nonce = self.signed_query(query)
         if not _NONCE_RE.fullmatch(nonce):
-            raise Refused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
+            raise CallbackRefused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
         body = await read_body(request, self.options.max_body)
+        self.fresh(ts)  # again: the body may have taken a while
         try:
             encrypt = _outer.decode(body).encrypt
         except (ValueError, RecursionError):  # msgspec.DecodeError/ValidationError, UnicodeDecodeError
-            raise Refused(400, "body: malformed JSON or no encrypt") from None
+            raise CallbackRefused(400, "body: malformed JSON or no encrypt") from None
         if not encrypt:
-            raise Refused(400, "body has no encrypt")
+            raise CallbackRefused(400, "body has no encrypt")
         msg = parse_json_object(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
         msg_type = field(msg, "msgtype")
         if not msg_type:
-            raise Refused(400, "payload has no msgtype")
+            raise CallbackRefused(400, "payload has no msgtype")
         if msg_type == "stream":
             stream_id = field(_obj(msg, "stream"), "id")
             if not stream_id or len(stream_id) > _STREAM_ID_MAX:
-                raise Refused(400, "stream refresh without a stream id")
+                raise CallbackRefused(400, "stream refresh without a stream id")
             return self._reply(await self.stream_state(stream_id), nonce)
         env, key = aibot_envelope(self.name, msg, self.options.stream)
         await self._remember(env)
@@ -232,32 +223,30 @@ class WeComAIBotSource(WeComSigned):
         arrival time; if Redis fails here nothing is published and the caller gets 503.
         """
         now = time.time()
-        key = self.ctx.state_key(STATE_ADAPTER, env.id)
         streamed = env.kind == "message" and self.options.stream
-        pipe: Any = self.ctx.redis.pipeline(transaction=True)
-        pipe.hsetnx(key, "t", f"{now:.3f}")
-        pipe.hsetnx(key, "deadline", f"{now + self.options.stream_window:.3f}" if streamed else "0")
-        if env.meta.get("response_url"):
-            pipe.hsetnx(key, "response_url", env.meta["response_url"])
-        pipe.expire(key, STATE_TTL)
-        await pipe.execute()
+        await self.state(env.id).remember(
+            now, now + self.options.stream_window if streamed else None, env.meta.get("response_url", "")
+        )
+
+    def state(self, envelope_id: str) -> StreamState:
+        return StreamState(self.ctx.redis, self.ctx.state_key(ADAPTER, envelope_id))
 
     async def stream_state(self, stream_id: str) -> tuple[str, bool, str]:
         """(content, finish, stream id) to show for a stream now."""
-        key = self.ctx.state_key(STATE_ADAPTER, stream_id)
-        state = await self.ctx.redis.hgetall(key)
-        if not state:  # not a stream of ours (or long gone): tell WeCom to stop polling
+        state = self.state(stream_id)
+        now = await state.read()
+        if now is None:  # not a stream of ours (or long gone): tell WeCom to stop polling
             return "", True, stream_id
         draft = await self.ctx.get_draft(stream_id)
         text, final = draft if draft is not None else ("", False)
-        owner = state.get(b"final_by")
+        owner = now.final_by
         if final and owner is None:
-            if await self.ctx.redis.hsetnx(key, "final_by", "stream"):
-                owner = b"stream"
+            if await state.claim_final(FinalBy.STREAM):
+                owner = FinalBy.STREAM
                 self.log.info("wecom_aibot.stream_final", envelope=stream_id)
             else:
-                owner = await self.ctx.redis.hget(key, "final_by")
-        if owner == b"response_url":  # the answer went (or goes) to response_url: end the stream
+                owner = await state.final_by()
+        if owner is FinalBy.RESPONSE_URL:  # the answer went (or goes) to response_url: end the stream
             return ("" if final else fit(text)), True, stream_id
         return fit(text), final, stream_id
 

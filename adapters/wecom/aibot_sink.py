@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import aiohttp
 import msgspec
 
-from adapters.wecom.aibot import CONTENT_MAX_BYTES, RESPONSE_URL_TTL, STATE_ADAPTER, STATE_TTL
-from bridge.adapter import PermanentError, RetryableError, SendContext, Sink
+from adapters.wecom.aibot import CONTENT_MAX_BYTES
+from adapters.wecom.aibot_state import ADAPTER, RESPONSE_URL_TTL, TTL, FinalBy, StreamState
+from bridge.adapter import SendContext, Sink
 from bridge.envelope import Delivery
+from bridge.errors import PermanentError, RetryableError
 from bridge.text import split_text
 
 #: a response_url is not used this close to its expiry
@@ -67,11 +68,11 @@ class WeComAIBotSink(Sink):
                 "name it in that inbound's reply_via instead of routing messages to it"
             )
         origin = env.origin.envelope_id
-        key = self.ctx.state_key(STATE_ADAPTER, origin)
-        if not await self.ctx.redis.exists(key):
+        state = StreamState(self.ctx.redis, self.ctx.state_key(ADAPTER, origin))
+        if not await state.exists():
             raise PermanentError(
                 "no AI-bot state for the message this answers: it is older than "
-                f"{STATE_TTL // 3600} h, or it did not come from a wecom_aibot inbound"
+                f"{TTL // 3600} h, or it did not come from a wecom_aibot inbound"
             )
         parts = (
             split_text(env.text, CONTENT_MAX_BYTES, number_parts=False, markdown=True) if env.text else [""]
@@ -84,56 +85,58 @@ class WeComAIBotSink(Sink):
             )
         done = await ctx.parts_sent()
         if done == 0:
-            via = await self._first(origin, key, parts[0])
+            via = await self._first(origin, state, parts[0])
             await ctx.part_sent(1)
             self.log.info("wecom_aibot.answered", envelope=origin, via=via, parts=len(parts))
             done = 1
         if done < len(parts):
-            if await self.ctx.redis.hget(key, "final_by") != b"stream":
+            if await state.final_by() is not FinalBy.STREAM:
                 raise PermanentError(
                     "part 2 of 2 of the answer was not delivered: the stream window had closed, "
                     "so response_url carried part 1"
                 )
-            await self._post(key, parts[1])
+            await self._post(state, parts[1])
             await ctx.part_sent(2)
             self.log.info("wecom_aibot.answered", envelope=origin, via="response_url", part=2)
         return f"aibot:{origin}"
 
-    async def _first(self, origin: str, key: str, text: str) -> str:
+    async def _first(self, origin: str, state: StreamState, text: str) -> str:
         """Deliver the first (often only) part: the stream if WeCom fetches it in time, else
         response_url. Returns which one."""
-        redis: Any = self.ctx.redis
-        state = await redis.hgetall(key)
-        owner = state.get(b"final_by")
-        deadline = _float(state.get(b"deadline"))
+        now = await state.read()
+        owner = now.final_by if now is not None else None
+        deadline = now.deadline if now is not None else 0.0
         if owner is None and deadline > time.time():
-            await self.ctx.set_draft(origin, text, final=True, ttl=STATE_TTL)
+            await self.ctx.set_draft(origin, text, final=True, ttl=TTL)
             while owner is None and (left := deadline - time.time()) > 0:
                 await asyncio.sleep(min(self.options.poll_interval, left))
-                owner = await redis.hget(key, "final_by")
+                owner = await state.final_by()
         if owner is None:
-            owner = b"response_url" if await redis.hsetnx(key, "final_by", "response_url") else None
-            owner = owner or await redis.hget(key, "final_by")
-        if owner == b"stream":
+            claimed = await state.claim_final(FinalBy.RESPONSE_URL)
+            owner = FinalBy.RESPONSE_URL if claimed else await state.final_by()
+        if owner is FinalBy.STREAM:
             return "stream"
-        await self._post(key, text)
+        await self._post(state, text)
         return "response_url"
 
-    async def _post(self, key: str, text: str) -> None:
+    async def _post(self, state: StreamState, text: str) -> None:
         """POST markdown to the message's response_url (usable once, for an hour)."""
-        redis: Any = self.ctx.redis
-        state = await redis.hgetall(key)
-        if state.get(b"response_url_used") == b"1":
+        now = await state.read()
+        if now is not None and now.response_url_used:
             return  # a previous attempt posted it and stopped before recording the part
-        url = state.get(b"response_url", b"").decode()
-        if not url:
+        url = now.response_url if now is not None else ""
+        if not url or now is None:
             raise PermanentError("the stream window closed and the message carries no response_url")
-        if time.time() > _float(state.get(b"t")) + RESPONSE_URL_TTL - _RESPONSE_URL_MARGIN:
+        if time.time() > now.arrived_at + RESPONSE_URL_TTL - _RESPONSE_URL_MARGIN:
             raise PermanentError(f"the message's response_url expired (valid {RESPONSE_URL_TTL // 60} min)")
         body = {"msgtype": "markdown", "markdown": {"content": text}}
+        await self.ctx.egress.check(url)  # the URL came in the callback: WeCom's hosts only
         try:
             async with self.ctx.http().post(
-                url, json=body, timeout=aiohttp.ClientTimeout(total=self.options.timeout)
+                url,
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=self.options.timeout),
+                allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
@@ -153,11 +156,4 @@ class WeComAIBotSink(Sink):
         if errcode != 0:
             errmsg = str(answer.get("errmsg", ""))[:200] if isinstance(answer, dict) else ""
             raise PermanentError(f"response_url refused the answer: errcode {errcode} {errmsg}".rstrip())
-        await redis.hset(key, "response_url_used", "1")
-
-
-def _float(value: bytes | None) -> float:
-    try:
-        return float(value) if value else 0.0
-    except ValueError:
-        return 0.0
+        await state.mark_response_url_used()

@@ -16,32 +16,32 @@ Config::
     corp_id = "ww0123456789abcdef"
     # timestamp_tolerance = 300   # seconds, 0 = off
     # dedupe_ttl = 86400
-    # max_body = 65536
+    # max_body = 32768
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from adapters.wechat_crypto import WXBizMsgCrypt
-from adapters.wechat_inbound import (
+from adapters.wechat.callback import (
     InboundOptions,
-    Refused,
     WeChatInbound,
     check_aes_key,
-    field,
-    parse_xml,
+    parse_signed_outer,
     read_body,
     require_fields,
     required,
+    scan_encrypt,
     xml_message,
 )
+from adapters.wechat.crypto import WXBizMsgCrypt
+from adapters.wechat.parsing import CallbackRefused, field, parse_xml
 from bridge.adapter import Context
 from bridge.config import Secret
 from bridge.envelope import Conversation
 
 
-class WeComAppOptions(InboundOptions, forbid_unknown_fields=True, kw_only=True):
+class WeComAppSourceOptions(InboundOptions, forbid_unknown_fields=True, kw_only=True):
     encoding_aes_key: Secret
     #: the CorpID: the receive id inside every ciphertext
     corp_id: str
@@ -68,7 +68,7 @@ class WeComSigned(WeChatInbound):
         sig = signature_param(query)
         ts, nonce = required(query, "timestamp", "nonce")
         if not sig:
-            raise Refused(403, "missing msg_signature")
+            raise CallbackRefused(403, "missing msg_signature")
         self.fresh(ts)
         return sig, ts, nonce
 
@@ -79,21 +79,22 @@ class WeComSigned(WeChatInbound):
 
 
 class WeComAppSource(WeComSigned):
-    Options = WeComAppOptions
-    options: WeComAppOptions
+    Options = WeComAppSourceOptions
+    options: WeComAppSourceOptions
     type_name = "wecom_app"
 
-    def __init__(self, name: str, options: WeComAppOptions, ctx: Context) -> None:
+    def __init__(self, name: str, options: WeComAppSourceOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         self._crypt: WXBizMsgCrypt = self.crypt(options.corp_id, options.encoding_aes_key)
 
     async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
         sig, ts, nonce = self.signed_query(query)
-        outer = parse_xml(await read_body(request, self.options.max_body), "body")
-        encrypt = field(outer, "Encrypt")
-        if not encrypt:
-            raise Refused(400, "body has no Encrypt")
-        msg = parse_xml(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
+        body = await read_body(request, self.options.max_body)
+        self.fresh(ts)  # again: the body may have taken a while
+        encrypt = scan_encrypt(body)
+        self._crypt.verify_signature(sig, ts, nonce, encrypt)
+        parse_signed_outer(body, encrypt)
+        msg = parse_xml(self._crypt.decrypt(encrypt), "message")
         require_fields(msg, "MsgType", "FromUserName")
         meta = {"to": field(msg, "ToUserName")}
         if field(msg, "AgentID"):

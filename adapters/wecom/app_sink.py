@@ -56,30 +56,28 @@ from typing import Any
 
 import msgspec
 
-from adapters.wecom.api import (
-    WECOM_API,
-    ApiError,
+from adapters.wechat.client import WECOM_API, WeComApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.parts import (
     Part,
-    PartQuota,
-    WeComApi,
     attachment_line,
     check_limit,
     check_rates,
     fits,
     news_parts,
-    send_error,
     send_parts,
     text_parts,
 )
-from bridge.adapter import Context, PermanentError, SendContext, Sink
-from bridge.config import ConfigError, Rate, Secret
+from bridge.adapter import Context, SendContext, Sink
+from bridge.config import Rate, Secret
 from bridge.envelope import Attachment, Delivery, Envelope
+from bridge.errors import ConfigError, PermanentError
 
 PREFIXES = ("chat", "user", "party", "tag")
 MEDIA_KINDS = ("image", "file", "voice", "video")
 
 
-class WeComAppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class WeComAppSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     corp_id: str
     corp_secret: Secret
     agent_id: int
@@ -186,11 +184,11 @@ def render(
 
 
 class WeComAppSink(Sink):
-    Options = WeComAppOptions
-    options: WeComAppOptions
+    Options = WeComAppSinkOptions
+    options: WeComAppSinkOptions
     default_rate = "600/minute"
 
-    def __init__(self, name: str, options: WeComAppOptions, ctx: Context) -> None:
+    def __init__(self, name: str, options: WeComAppSinkOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         self.api = WeComApi(
             corp_id=options.corp_id,
@@ -204,7 +202,6 @@ class WeComAppSink(Sink):
         )
         self._member_rates = check_rates("member_rate", options.member_rate)
         self._chat_rates = check_rates("chat_rate", options.chat_rate)
-        self.quota = PartQuota(self, self.default_rate)
 
     async def start(self) -> None:
         """Refuse route targets that do not say chat: or user: (they would fail every send)."""
@@ -249,7 +246,7 @@ class WeComAppSink(Sink):
         async def one(i: int, part: Part) -> str | None:
             return await self._send_part(delivery, target, i, part)
 
-        ids = await send_parts(ctx, parts, one, self.quota)
+        ids = await send_parts(ctx, parts, one)
         return ",".join(ids) or target.key
 
     async def _send_part(self, delivery: Delivery, target: Target, i: int, part: Part) -> str | None:

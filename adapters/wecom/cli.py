@@ -21,12 +21,13 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from adapters.wecom.api import ApiError, WeComApi, send_error
-from adapters.wecom.app_sink import WeComAppOptions
-from bridge.adapter import SendError
+from adapters.wechat.client import WeComApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wecom.app_sink import WeComAppSinkOptions
 from bridge.bus import UNAVAILABLE, Keys
-from bridge.config import Config, ConfigError, convert
-from bridge.embedded_redis import EmbeddedRedisError, client_url
+from bridge.config import Config, convert
+from bridge.embedded_redis import client_url
+from bridge.errors import ConfigError, EmbeddedRedisError, SendError
 
 
 def _users(value: str) -> list[str]:
@@ -58,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     update.add_argument("--remove", default=[], type=_users, help="user ids to remove, comma-separated")
 
 
-def sink_options(config: Config, name: str) -> WeComAppOptions:
+def sink_options(config: Config, name: str) -> WeComAppSinkOptions:
     out = config.outbound_by_name(name)
     if out is None or out.type != "wecom_app":
         names = ", ".join(o.name for o in config.outbound if o.type == "wecom_app") or "none"
@@ -66,7 +67,7 @@ def sink_options(config: Config, name: str) -> WeComAppOptions:
             f"{config.path}: no wecom_app outbound named {name!r} (wecom_app outbounds: {names})"
         )
     where = f"outbound.{name}"
-    opts = convert(out.options, WeComAppOptions, where, config.path)
+    opts = convert(out.options, WeComAppSinkOptions, where, config.path)
     try:
         opts.check()
     except ValueError as e:

@@ -52,23 +52,21 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import msgspec
 
-from adapters.wecom.api import (
-    WECOM_API,
-    ApiError,
-    JsonApi,
+from adapters.wechat.client import WECOM_API, JsonApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.parts import (
     Part,
-    PartQuota,
     attachment_line,
     check_limit,
     fits,
     news_parts,
-    send_error,
     send_parts,
     text_parts,
 )
-from bridge.adapter import Context, PermanentError, RetryableError, SendContext, Sink
+from bridge.adapter import Context, SendContext, Sink
 from bridge.config import Secret
 from bridge.envelope import Attachment, Delivery, Envelope
+from bridge.errors import PermanentError, RetryableError
 
 IMAGE_MAX = 2 * 1024 * 1024
 FILE_MIN, FILE_MAX = 6, 20 * 1024 * 1024
@@ -88,7 +86,7 @@ def parse_key(value: str) -> tuple[str, str | None]:
     return v, None
 
 
-class WebhookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class WeComWebhookSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     key: Secret
     api_base: str | None = None
     timeout: float = 10.0
@@ -133,16 +131,15 @@ def _has_bytes(a: Attachment) -> bool:
 
 
 class WeComWebhookSink(Sink):
-    Options = WebhookOptions
-    options: WebhookOptions
+    Options = WeComWebhookSinkOptions
+    options: WeComWebhookSinkOptions
     default_rate = "20/minute"
 
-    def __init__(self, name: str, options: WebhookOptions, ctx: Context) -> None:
+    def __init__(self, name: str, options: WeComWebhookSinkOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
         key, base = parse_key(options.key.reveal())
         self._key = Secret(key)
         self.api = JsonApi(options.api_base or base or WECOM_API, ctx.http, options.timeout)
-        self.quota = PartQuota(self, self.default_rate)
 
     # -- what to send ------------------------------------------------------------------------------
 
@@ -211,7 +208,7 @@ class WeComWebhookSink(Sink):
             await self._post(await self._resolve(part))
             return None
 
-        await send_parts(ctx, parts, one, self.quota)
+        await send_parts(ctx, parts, one)
         return f"webhook:{len(parts)}"
 
     async def _post(self, part: Part) -> None:
@@ -255,7 +252,7 @@ class WeComWebhookSink(Sink):
         host = urlsplit(url).netloc or "?"
         try:
             timeout = aiohttp.ClientTimeout(total=self.options.timeout * 6)
-            async with self.ctx.http().get(url, timeout=timeout) as resp:
+            async with self.ctx.egress.get(self.ctx.http(), url, timeout=timeout) as resp:
                 if resp.status == 429 or resp.status >= 500:
                     raise RetryableError(
                         f"downloading the {a.kind} attachment: HTTP {resp.status} from {host}"

@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from adapters import simulate as sim
 from adapters.openclaw.sink import OpenClawSink
+from adapters.wechat import simulate as sim
 from bridge import cli
-from bridge.bus import RUNNER_GROUP
+from bridge.bus import Field
 from bridge.daemon import Daemon
 from bridge.envelope import decode_delivery, stable_id
 from tests.conftest import wait_for
@@ -158,7 +158,7 @@ class Loop:
 
     async def drained(self, sink: str = "claw") -> bool:
         assert self.d.redis is not None and self.d.bus is not None
-        return int((await self.d.redis.xpending(self.d.bus.keys.out(sink), RUNNER_GROUP))["pending"]) == 0
+        return await self.d.bus.out_pending(sink) == 0
 
 
 @pytest.fixture
@@ -202,6 +202,8 @@ async def test_a_long_answer_comes_home_whole_in_numbered_parts(make_loop: Any) 
     loop: Loop = await make_loop()
     group = await loop.group()
     assert await loop.simulate("bot", "tell me everything LONG6000", "--chat", group, "--from", "dave") == 0
+    # "drained" is also true before the first entry is read: wait for the answer's first part first
+    await wait_for(lambda: loop.fake.delivered_to(group), timeout=60)
     await wait_for(loop.drained, timeout=60)
     await wait_for(lambda: loop.drained("wecom"), timeout=30)
     parts = loop.fake.delivered_to(group)
@@ -248,10 +250,10 @@ async def test_a_retried_delivery_does_not_run_the_agent_twice(make_loop: Any) -
     # the runner gets the same delivery again with its done marker gone (a crash between the send
     # and the marker, or `dead replay`): the sink finds the answer in the session's history
     assert loop.d.redis is not None and loop.d.bus is not None
-    [(_, fields)] = await loop.d.redis.xrange(loop.d.bus.keys.out("claw"))
-    delivery = decode_delivery(fields[b"d"])
+    [(_, fields)] = [e for s in loop.d.bus.out_streams("claw") for e in await loop.d.redis.xrange(s)]
+    delivery = decode_delivery(fields[Field.DELIVERY.key])
     await loop.d.redis.delete(loop.d.bus.keys.mark("claw", delivery.id))
-    await loop.d.redis.xadd(loop.d.bus.keys.out("claw"), {"d": fields[b"d"]})
+    await loop.d.redis.xadd(loop.d.bus.keys.out("claw"), {Field.DELIVERY: fields[Field.DELIVERY.key]})
     await wait_for(lambda: loop.d.redis.get(loop.d.bus.keys.mark("claw", delivery.id)))  # type: ignore[union-attr]
     await wait_for(loop.drained)
     await asyncio.sleep(1.0)
@@ -334,7 +336,7 @@ async def test_a_failed_run_is_dead_lettered_with_the_gateways_reason(make_loop:
     assert await loop.simulate("app", "this will FAIL400", "--from", user) == 0
     await wait_for(loop.dead, timeout=60)
     [dead] = await loop.dead()
-    reason = dead[b"reason"].decode()
+    reason = dead[Field.REASON.key].decode()
     assert reason.startswith("permanent: the agent run failed"), reason
     assert "LLM request failed" in reason
     assert loop.fake.delivered_to(user) == []
@@ -344,7 +346,7 @@ async def test_a_failed_run_is_dead_lettered_with_the_gateways_reason(make_loop:
     await wait_for(lambda: loop.llm_calls("this will FAIL400") == 2, timeout=60)
     await wait_for(loop.dead, timeout=60)
     [again] = await loop.dead()
-    assert again[b"reason"].decode() == reason
+    assert again[Field.REASON.key].decode() == reason
     assert loop.fake.delivered_to(user) == []
 
 
@@ -361,7 +363,7 @@ async def test_a_bad_token_is_permanent_and_readiness_says_why(make_loop: Any) -
     assert await loop.simulate("app", "nobody hears me", "--from", user) == 0
     await wait_for(loop.dead, timeout=30)
     [dead] = await loop.dead()
-    assert dead[b"reason"].decode().startswith("permanent: the gateway refused the credentials")
+    assert dead[Field.REASON.key].decode().startswith("permanent: the gateway refused the credentials")
     assert dead[b"attempts"] == b"1"
 
 
@@ -375,7 +377,7 @@ async def test_a_message_over_the_gateways_max_payload_is_refused_before_sending
     assert await loop.simulate("app", "x" * 3000, "--from", user) == 0
     await wait_for(loop.dead, timeout=30)
     [dead] = await loop.dead()
-    reason = dead[b"reason"].decode()
+    reason = dead[Field.REASON.key].decode()
     assert reason.startswith("permanent: the message is too large for the gateway: the request is "), reason
     assert reason.endswith("bytes, over the gateway's policy.maxPayload of 2048 bytes")
     assert loop.llm_calls("x" * 100) == 0
@@ -401,7 +403,9 @@ async def test_http_mode_with_a_bad_token_is_not_ready_and_dead_letters(make_loo
     assert await loop.simulate("app", "nobody hears me", "--from", user) == 0
     await wait_for(loop.dead, timeout=30)
     [dead] = await loop.dead()
-    assert dead[b"reason"].decode().startswith("permanent: the gateway refused the credentials (HTTP 401")
+    assert (
+        dead[Field.REASON.key].decode().startswith("permanent: the gateway refused the credentials (HTTP 401")
+    )
 
 
 async def test_an_ai_bot_stream_shows_the_answer_as_it_is_written(

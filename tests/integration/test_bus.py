@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
-from bridge.bus import Bus, BusUnavailable, Keys
+from bridge.bus import Bus, Field, Keys
 from bridge.envelope import Conversation, decode_envelope, make_envelope
+from bridge.errors import BusUnavailable
 
 
 async def test_publish_dedupes_a_republished_envelope(redis: Any, prefix: str) -> None:
@@ -17,7 +18,7 @@ async def test_publish_dedupes_a_republished_envelope(redis: Any, prefix: str) -
     other_source = make_envelope("oa", Conversation("u1"), "hi")
     assert await bus.publish(other_source, dedupe_key="msg-1") is True  # dedupe is per source
     entries = await redis.xrange(bus.keys.inbound)
-    assert [decode_envelope(f[b"e"]).text for _, f in entries] == ["hi", "hi"]
+    assert [decode_envelope(f[Field.ENVELOPE.key]).text for _, f in entries] == ["hi", "hi"]
     seen = await redis.get(bus.keys.seen("corp", "msg-1"))
     assert seen == entries[0][0]  # the marker names the stored entry
     assert 0 < await redis.ttl(bus.keys.seen("corp", "msg-1")) <= 86_400

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bridge.bus import connect
+from bridge.bus import Field, connect
 from bridge.embedded_redis import EmbeddedRedis
 from tests.integration.test_daemon import free_port
 
@@ -116,10 +116,10 @@ def test_demo_run_inject_tail_and_sigterm(tmp_path: Path) -> None:
             assert t.returncode == 0, t.stderr
             rows = [json.loads(line) for line in t.stdout.splitlines()]
             time.sleep(0.1)
-        assert rows[-1]["d"]["envelope"]["id"] == env_id
-        assert rows[-1]["d"]["envelope"]["text"] == "hello 你好"
+        assert rows[-1][Field.DELIVERY]["envelope"]["id"] == env_id
+        assert rows[-1][Field.DELIVERY]["envelope"]["text"] == "hello 你好"
         t = cli("tail", "--config", str(cfg), "inbound", cwd=tmp_path)
-        assert json.loads(t.stdout.splitlines()[-1])["e"]["id"] == env_id
+        assert json.loads(t.stdout.splitlines()[-1])[Field.ENVELOPE]["id"] == env_id
         bad = cli(
             "inject",
             "--config",
@@ -182,8 +182,8 @@ def test_check_config_masks_secrets_and_names_bad_keys(tmp_path: Path) -> None:
 async def test_status_and_dead_replay(write_config: Any, start_daemon: Any) -> None:
     import asyncio
 
-    from bridge.adapter import PermanentError
     from bridge.envelope import Conversation, make_envelope
+    from bridge.errors import PermanentError
     from tests.conftest import CollectSink, wait_for
 
     cfg = write_config(
@@ -199,11 +199,13 @@ async def test_status_and_dead_replay(write_config: Any, start_daemon: Any) -> N
     status = await asyncio.to_thread(cli, "status", "--config", str(cfg.path), cwd=cfg.path.parent)
     assert status.returncode == 0, status.stderr
     s = json.loads(status.stdout)["streams"]
-    assert s["dead"]["length"] == 1 and s["out:c"]["pending"] == 0 and "t1" in s["out:c"]["consumers"]
+    parts = [v for k, v in s.items() if k == "out:c" or k.startswith("out:c:p")]  # the sink's partitions
+    assert len(parts) == 4 and sum(p["pending"] for p in parts) == 0
+    assert s["dead"]["length"] == 1 and any("t1" in p.get("consumers", {}) for p in parts)
 
     listed = await asyncio.to_thread(cli, "dead", "list", "--config", str(cfg.path), cwd=cfg.path.parent)
     [row] = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert row["reason"] == "permanent: chat gone: recreate it"
+    assert row[Field.REASON] == "permanent: chat gone: recreate it"
     bad = await asyncio.to_thread(
         cli, "dead", "replay", "0-1", "--config", str(cfg.path), cwd=cfg.path.parent
     )

@@ -6,17 +6,22 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
-from adapters.generic import http1
-from adapters.generic.http1 import Http1Pool, ProtocolError, supports
+from bridge import http1
+from bridge.bus import Field
+from bridge.http1 import Http1Pool, ProtocolError, supports
+from bridge.transport import AiohttpPoster, Poster
 
-Script = Callable[[bytes], list[bytes | None] | None]
+Script = Callable[[bytes], list[bytes | float | None] | None]
 
 
 class Server:
     """Reads one request at a time; answers with ``script(request)``: the chunks to write, then
-    ``None`` in the list closes the connection; a None script result answers nothing."""
+    ``None`` in the list closes the connection, a number sends what was written so far and pauses
+    that many seconds (the next chunk arrives as a segment of its own); a None script result
+    answers nothing."""
 
     def __init__(self, script: Script) -> None:
         self.script = script
@@ -43,8 +48,13 @@ class Server:
                     return
                 for chunk in answer:
                     if chunk is None:
+                        await w.drain()
                         w.close()
                         return
+                    if isinstance(chunk, float):
+                        await w.drain()
+                        await asyncio.sleep(chunk)
+                        continue
                     w.write(chunk)
                 await w.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -69,7 +79,7 @@ async def serve() -> AsyncIterator[Callable[[Script], Any]]:
         srv.close()
 
 
-def ok(body: bytes = b'{"id":"r1"}', extra: bytes = b"") -> list[bytes | None]:
+def ok(body: bytes = b'{"id":"r1"}', extra: bytes = b"") -> list[bytes | float | None]:
     return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra) + body]
 
 
@@ -181,6 +191,13 @@ async def test_refused_connection_and_garbage_answers(serve: Any) -> None:
         await pool.post([], b"", 5)
 
 
+async def test_a_close_delimited_body_in_several_segments_comes_back_whole(serve: Any) -> None:
+    srv = await serve(lambda _: [b"HTTP/1.1 200 OK\r\n\r\nfirst-", 0.05, b"second-", 0.05, b"third", None])
+    pool = Http1Pool(f"http://127.0.0.1:{srv.port}/")
+    assert (await pool.post([], b"", 5)).body == b"first-second-third"
+    await pool.close()
+
+
 async def test_header_injection_is_refused() -> None:
     with pytest.raises(ValueError):
         Http1Pool("http://127.0.0.1:1/", [("X-A", "1\r\nX-Evil: 2")])
@@ -217,10 +234,108 @@ async def test_the_sink_uses_it_for_http_and_a_redirect_is_permanent(
     await d.bus.publish(make_envelope("in", Conversation("g1"), "x"))
     await wait_for(lambda: d.redis.xlen(d.bus.keys.dead))
     [(_, fields)] = await d.redis.xrange(d.bus.keys.dead)
-    assert fields[b"reason"].startswith(b"permanent: HTTP 302 from the receiver")
+    assert fields[Field.REASON.key].startswith(b"permanent: HTTP 302 from the receiver")
     assert len(srv.requests) == 1
 
 
 async def test_https_goes_through_aiohttp(write_config: Any, start_daemon: Any) -> None:
     d = await start_daemon(write_config(SINK.format(url="https://127.0.0.1:1/in")))
     assert d.sinks["out"]._pool is None
+
+
+# -- conformance: the small client and aiohttp's answer alike (bridge/transport.py) ------
+
+
+@pytest.fixture(params=["http1", "aiohttp"])
+async def client(request: Any) -> AsyncIterator[Callable[[str], Poster]]:
+    """A factory of the ``http`` sink's clients for a URL: each test runs against both."""
+    session = aiohttp.ClientSession()
+    made: list[Poster] = []
+
+    def make(url: str) -> Poster:
+        p: Poster = Http1Pool(url) if request.param == "http1" else AiohttpPoster(url, [], lambda: session)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        await p.close()
+    await session.close()
+
+
+async def test_conformance_close_delimited_body_in_segments(serve: Any, client: Any) -> None:
+    srv = await serve(
+        lambda _: [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nfirst-", 0.05, b"second", None]
+    )
+    resp = await client(f"http://127.0.0.1:{srv.port}/").post([], b"x", 5)
+    assert (resp.status, resp.body) == (200, b"first-second")
+
+
+async def test_conformance_chunked_with_trailers(serve: Any, client: Any) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nabcd\r\n"
+    srv = await serve(lambda _: [chunked, 0.02, b"3\r\nefg\r\n0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n"])
+    post = client(f"http://127.0.0.1:{srv.port}/").post
+    assert (await post([], b"", 5)).body == b"abcdefg"
+    assert (await post([], b"", 5)).body == b"abcdefg"
+    assert srv.connections == 1  # trailers read to their end: the connection is reusable
+
+
+async def test_conformance_interim_answers(serve: Any, client: Any) -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    srv = await serve(lambda _: [interim, *ok(b"final", b"X-Final: yes\r\n")])
+    resp = await client(f"http://127.0.0.1:{srv.port}/").post([], b"", 5)
+    assert (resp.status, resp.body, resp.headers.get("x-final"), "link" in resp.headers) == (
+        200,
+        b"final",
+        "yes",
+        False,
+    )
+
+
+async def test_conformance_server_closes_a_kept_alive_connection(serve: Any, client: Any) -> None:
+    srv = await serve(lambda _: ok())
+    post = client(f"http://127.0.0.1:{srv.port}/").post
+    assert (await post([], b"", 5)).status == 200
+    for w in srv.writers:
+        w.close()
+    await asyncio.sleep(0.1)
+    assert (await post([], b"", 5)).body == b'{"id":"r1"}'
+    assert srv.connections == 2
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "close"])
+async def test_conformance_a_body_over_the_cap_is_cut_and_not_reused(
+    serve: Any, client: Any, framing: str
+) -> None:
+    big = b"x" * (http1.MAX_BODY + 10)
+    if framing == "content-length":
+        first: list[bytes | float | None] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+        ]
+    elif framing == "chunked":
+        first = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(big), big)
+        ]
+    else:
+        first = [b"HTTP/1.1 200 OK\r\n\r\n" + big, None]
+    answers = [first, ok(b"next")]
+    srv = await serve(lambda _: answers.pop(0))
+    poster = client(f"http://127.0.0.1:{srv.port}/")
+    resp = await poster.post([], b"", 5)
+    assert (resp.status, len(resp.body)) == (200, http1.MAX_BODY)
+    assert (await poster.post([], b"", 5)).body == b"next"
+    if isinstance(poster, Http1Pool) or framing == "close":
+        # the small client leaves the rest unread, so it cannot reuse the connection; aiohttp
+        # reuses one whose whole body arrived (it released it before we cut)
+        assert srv.connections == 2
+
+
+async def test_pin_the_private_streamreader_buffer_the_reuse_check_reads() -> None:
+    """``_Conn.usable`` reads asyncio's private ``StreamReader._buffer`` to refuse reusing a connection
+    with stray bytes after a response: fail loudly here if asyncio changes it."""
+    reader = asyncio.StreamReader()
+    assert hasattr(reader, "_buffer") and not reader._buffer
+    reader.feed_data(b"stray")
+    assert bytes(reader._buffer) == b"stray"
+    await reader.readexactly(5)
+    assert not reader._buffer

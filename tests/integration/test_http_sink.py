@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from bridge.bus import Field
 from bridge.envelope import Conversation, make_envelope
 from tests.conftest import wait_for
 
@@ -39,7 +40,7 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     yield rec, f"http://127.0.0.1:{port}/in"
     await runner.cleanup()
 
@@ -105,7 +106,7 @@ async def test_other_4xx_is_permanent(
     await d.bus.publish(make_envelope("in", Conversation("g1"), "x"))
     await wait_for(lambda: d.redis.xlen(d.bus.keys.dead))
     [(_, fields)] = await d.redis.xrange(d.bus.keys.dead)
-    assert fields[b"reason"].startswith(b"permanent: HTTP 422 from the receiver")
+    assert fields[Field.REASON.key].startswith(b"permanent: HTTP 422 from the receiver")
     assert len(rec.got) == 1
 
 
@@ -114,5 +115,5 @@ async def test_unreachable_receiver_is_retried_then_dead(write_config: Any, star
     await d.bus.publish(make_envelope("in", Conversation("g1"), "x"))
     await wait_for(lambda: d.redis.xlen(d.bus.keys.dead), timeout=15)
     [(_, fields)] = await d.redis.xrange(d.bus.keys.dead)
-    assert fields[b"reason"].startswith(b"gave up after 4 attempts: cannot reach the receiver")
-    assert b"sink-signing-secret" not in fields[b"reason"] + fields[b"d"]
+    assert fields[Field.REASON.key].startswith(b"gave up after 4 attempts: cannot reach the receiver")
+    assert b"sink-signing-secret" not in fields[Field.REASON.key] + fields[Field.DELIVERY.key]

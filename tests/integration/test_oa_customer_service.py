@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import structlog
 
+from bridge.bus import Field
 from bridge.envelope import Attachment, Conversation, make_envelope
 from bridge.text import split_text
 from tests.conftest import wait_for
@@ -90,7 +91,7 @@ async def test_the_48_hour_window_is_permanent_with_a_clear_reason(
     await publish(d, "too late", openid="oBob")
     await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    reason = dead[b"reason"].decode()
+    reason = dead[Field.REASON.key].decode()
     assert "errcode 45015" in reason and "48-hour" in reason
     assert "must send a message to the Official Account" in reason
     assert dead[b"attempts"] == b"1"
@@ -100,7 +101,7 @@ async def test_an_unknown_openid_dead_letters(write_config: Any, start_daemon: A
     d = await start(write_config, start_daemon, fake)
     await publish(d, "hi", openid="oStranger")
     await wait_for(lambda: dead_letters(d))
-    assert b"errcode 40003" in (await dead_letters(d))[0][b"reason"]
+    assert b"errcode 40003" in (await dead_letters(d))[0][Field.REASON.key]
 
 
 async def test_40001_refreshes_the_token_and_sends(write_config: Any, start_daemon: Any, fake: Any) -> None:

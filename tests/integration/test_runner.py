@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bridge.adapter import PermanentError, RetryableError
-from bridge.bus import RUNNER_GROUP
+from bridge.bus import RUNNER_GROUP, Field
 from bridge.envelope import Conversation, Delivery, encode, make_envelope
+from bridge.errors import PermanentError, RetryableError
 from tests.conftest import CollectSink, wait_for
 
 SINK = """
@@ -70,15 +70,15 @@ async def test_permanent_error_lands_in_dead_with_the_reason(write_config: Any, 
     await publish(d, "hello")
     await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    assert dead[b"reason"] == b"permanent: 81013 no valid recipient: check the user id"
+    assert dead[Field.REASON.key] == b"permanent: 81013 no valid recipient: check the user id"
     assert dead[b"from"] == b"out:c" and dead[b"attempts"] == b"1"
-    assert b'"text":"hello"' in dead[b"d"]
+    assert b'"text":"hello"' in dead[Field.DELIVERY.key]
     assert sink.sent == [] and len(sink.attempts) == 1
     await wait_for(lambda: _drained(d))
 
 
 async def _drained(d: Any) -> bool:
-    return int((await d.redis.xpending(d.bus.keys.out("c"), RUNNER_GROUP))["pending"]) == 0
+    return bool(await d.bus.out_pending("c") == 0)
 
 
 async def test_exhausted_retries_land_in_dead(write_config: Any, start_daemon: Any) -> None:
@@ -87,7 +87,7 @@ async def test_exhausted_retries_land_in_dead(write_config: Any, start_daemon: A
     await publish(d, "hello")
     await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    assert dead[b"reason"] == b"gave up after 3 attempts: HTTP 502"
+    assert dead[Field.REASON.key] == b"gave up after 3 attempts: HTTP 502"
     assert len(sink.attempts) == 3
 
 
@@ -97,8 +97,8 @@ async def test_a_redelivered_entry_is_not_sent_twice(write_config: Any, start_da
     await wait_for(lambda: len(sink.sent) == 1)
     delivery = sink.sent[0]
     # the same delivery arrives again (a router that crashed before its ack routes the batch again)
-    await d.redis.xadd(d.bus.keys.out("c"), {"d": encode(delivery)})
-    await d.redis.xadd(d.bus.keys.out("c"), {"d": encode(delivery)})
+    await d.redis.xadd(d.bus.keys.out("c"), {Field.DELIVERY: encode(delivery)})
+    await d.redis.xadd(d.bus.keys.out("c"), {Field.DELIVERY: encode(delivery)})
     await wait_for(lambda: _drained(d))
     await asyncio.sleep(0.2)
     assert len(sink.sent) == 1
@@ -121,7 +121,7 @@ async def test_unacked_entry_of_a_previous_life_is_sent_on_restart(
 
     r = aioredis.Redis.from_url(cfg.redis.url)
     for x in (da, db):
-        await r.xadd(bus.keys.out("c"), {"d": encode(x)})
+        await r.xadd(bus.keys.out("c"), {Field.DELIVERY: encode(x)})
     await r.xreadgroup(RUNNER_GROUP, "t1", {bus.keys.out("c"): ">"}, count=10)  # the old life took both
     await r.set(bus.keys.mark("c", da.id), "done:remote-1")  # ... and had sent the first
     await r.set(bus.keys.mark("c", db.id), "t1:oldlife")  # ... and was sending the second
@@ -174,24 +174,24 @@ async def test_the_read_claims_the_markers_of_what_it_read(
 ) -> None:
     """Entries written with their delivery id are claimed in the read's own round trip: the runner's
     separate claim call is never used for them (only for acks)."""
-    from bridge.runner import Runner
+    from bridge.runner import AckBatch, ReadClaim
 
     claims: list[list[str]] = []
     read: dict[str, str] = {}
-    original, original_read = Runner._sync_call, Runner._read_claiming
+    original, original_read = AckBatch.sync, ReadClaim.__call__
 
-    async def spy(self: Runner, claim: list[str]) -> list[str]:
+    async def spy(self: AckBatch, claim: Any = ()) -> Any:
         claims.append(list(claim))
         return await original(self, claim)
 
-    async def spy_read(self: Runner, count: int, last: str) -> Any:
-        got = await original_read(self, count, last)
+    async def spy_read(self: ReadClaim, count: int, stop: asyncio.Event) -> Any:
+        got = await original_read(self, count, stop)
         if got is not None:
-            read.update(got[1])
+            read.update({f"{self.stream} {eid}": c.status.value for eid, c in got[1].items()})
         return got
 
-    monkeypatch.setattr(Runner, "_sync_call", spy)
-    monkeypatch.setattr(Runner, "_read_claiming", spy_read)
+    monkeypatch.setattr(AckBatch, "sync", spy)
+    monkeypatch.setattr(ReadClaim, "__call__", spy_read)
     d, sink = await start(write_config, start_daemon)
     for i in range(5):
         await publish(d, f"m{i}", conv=f"g{i}")
@@ -211,25 +211,27 @@ async def test_a_redelivered_entry_with_its_id_is_not_sent_twice(
     await wait_for(lambda: len(sink.sent) == 1)
     delivery = sink.sent[0]
     for _ in range(2):
-        await d.redis.xadd(d.bus.keys.out("c"), {"d": encode(delivery), "i": delivery.id})
+        await d.redis.xadd(
+            d.bus.keys.out("c"), {Field.DELIVERY: encode(delivery), Field.DELIVERY_ID: delivery.id}
+        )
     await wait_for(lambda: _drained(d))
     await asyncio.sleep(0.2)
     assert len(sink.sent) == 1
 
 
-async def test_a_delivery_another_live_instance_holds_waits_for_it(
+async def test_a_marker_another_instance_left_is_taken_over_by_the_partition_holder(
     write_config: Any, start_daemon: Any
 ) -> None:
-    """The read's claim finds the marker held by another instance (busy): nothing is sent until that
-    claim lapses, then exactly once."""
+    """The partition's lease holder is its only sender (bridge/partitions.py): a marker another
+    instance left unfinished (it lost the lease, so it stopped sending) is taken over at once, the
+    delivery is sent exactly once and marked done under the new owner."""
     d, sink = await start(write_config, start_daemon)
     env = make_envelope("in", Conversation("g9"), "held elsewhere")
     x = Delivery(f"d-held-{env.id}", "c", env)
-    await d.redis.set(d.bus.keys.mark("c", x.id), "other-instance:abc", px=600)
-    t0 = asyncio.get_running_loop().time()
-    await d.redis.xadd(d.bus.keys.out("c"), {"d": encode(x), "i": x.id})
+    await d.redis.set(d.bus.keys.mark("c", x.id), "other-instance:abc", px=60_000)
+    await d.redis.xadd(d.bus.keys.out("c"), {Field.DELIVERY: encode(x), Field.DELIVERY_ID: x.id})
     await wait_for(lambda: len(sink.sent) == 1)
-    assert asyncio.get_running_loop().time() - t0 >= 0.5
     await wait_for(lambda: _drained(d))
+    assert (await d.redis.get(d.bus.keys.mark("c", x.id))).startswith(b"done:")
     await asyncio.sleep(0.2)
     assert len(sink.sent) == 1

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from adapters import simulate as sim
+from adapters.wechat import simulate as sim
+from bridge.bus import Field
 from bridge.envelope import stable_id
 from tests.integration.test_wechat_inbound import Bridge, MakeBridge, bridges, inbounds
 
@@ -184,7 +185,7 @@ async def test_the_cli_command_and_tail_inbound(bridge: Bridge) -> None:
     code, out, err = await _cli("--config", cfg, "tail", "inbound")
     assert code == 0, err
     [row] = [json.loads(line) for line in out.splitlines()]
-    env: dict[str, Any] = row["e"]
+    env: dict[str, Any] = row[Field.ENVELOPE]
     assert env["text"] == "hello from the CLI" and env["source"] == "bot"
     assert env["conversation"] == {"id": "wrG", "kind": "group"} and env["sender"] == {"id": "alice"}
     code, out, _ = await _cli(

@@ -13,9 +13,10 @@ import pytest
 import structlog
 from aiohttp import web
 
-from bridge.bus import RUNNER_GROUP
-from bridge.config import ConfigError, load
+from bridge.bus import Field
+from bridge.config import load
 from bridge.envelope import Attachment, Conversation, Delivery, encode, make_envelope
+from bridge.errors import ConfigError
 from tests.conftest import wait_for
 from tests.fakes.wecom_api import FakeWeComAPI, Recorded
 
@@ -109,7 +110,7 @@ async def dead_letters(d: Any) -> list[dict[bytes, bytes]]:
 
 
 async def drained(d: Any) -> bool:
-    return int((await d.redis.xpending(d.bus.keys.out("app"), RUNNER_GROUP))["pending"]) == 0
+    return bool(await d.bus.out_pending("app") == 0)
 
 
 async def create_chat(fake: Any, chatid: str = "wrOps", users: tuple[str, ...] = ("alice", "bob")) -> str:
@@ -326,7 +327,7 @@ async def test_permanent_errcodes_dead_letter_with_what_to_fix(
     await publish(d, "doomed")
     await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    text = dead[b"reason"].decode()
+    text = dead[Field.REASON.key].decode()
     assert text.startswith(f"permanent: /cgi-bin/message/send: errcode {errcode}") and reason in text, text
     assert dead[b"attempts"] == b"1" and len(fake.sent("/message/send")) == 1
 
@@ -336,14 +337,14 @@ async def test_real_permanent_failures_from_the_fake(write_config: Any, start_da
     d = await start(write_config, start_daemon, fake)
     await publish(d, "x", conv="user:nobody")
     await wait_for(lambda: dead_letters(d))
-    assert b"60020" in (await dead_letters(d))[0][b"reason"]
+    assert b"60020" in (await dead_letters(d))[0][Field.REASON.key]
     fake.ip_not_trusted = False
     await publish(d, "x", conv="user:nobody")
     await publish(d, "x", conv="chat:wrNoSuchChat")
     await wait_for(lambda: len(fake.sent("/send")) == 3)
     await wait_for(lambda: _count_dead(d, 3))
     # the two run concurrently (different conversations): their dead letters come in either order
-    later = sorted(f[b"reason"].decode() for f in (await dead_letters(d))[1:])
+    later = sorted(f[Field.REASON.key].decode() for f in (await dead_letters(d))[1:])
     assert (
         "errcode 86003" in later[0] and "chat:wrNoSuchChat" in later[0] and "wecom appchat create" in later[0]
     )
@@ -361,7 +362,7 @@ async def test_retries_exhausted_on_an_unreachable_api(
     await publish(d, "nowhere")
     await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    reason = dead[b"reason"].decode()
+    reason = dead[Field.REASON.key].decode()
     assert reason.startswith("gave up after 2 attempts: WeCom /cgi-bin/gettoken: cannot reach 127.0.0.1:9")
     assert "fake-corp-secret" not in reason
 
@@ -376,17 +377,17 @@ async def test_a_delivery_without_a_prefix_dead_letters(
 ) -> None:
     d = await start(write_config, start_daemon, fake)
     env = make_envelope("in", Conversation("somewhere"), "x")
-    await d.redis.xadd(d.bus.keys.out("app"), {"d": encode(Delivery("d1", "app", env, "bob"))})
+    await d.redis.xadd(d.bus.keys.out("app"), {Field.DELIVERY: encode(Delivery("d1", "app", env, "bob"))})
     await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    assert b"write chat:bob or user:bob" in dead[b"reason"]
+    assert b"write chat:bob or user:bob" in dead[Field.REASON.key]
 
 
 async def test_an_empty_envelope_dead_letters(write_config: Any, start_daemon: Any, fake: Any) -> None:
     d = await start(write_config, start_daemon, fake)
     await publish(d, "")
     await wait_for(lambda: dead_letters(d))
-    assert b"nothing to send" in (await dead_letters(d))[0][b"reason"]
+    assert b"nothing to send" in (await dead_letters(d))[0][Field.REASON.key]
 
 
 async def test_secrets_stay_out_of_logs_and_dead_letters(

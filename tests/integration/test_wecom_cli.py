@@ -13,8 +13,9 @@ import pytest
 
 from adapters.wecom.cli import run_async
 from bridge.cli import build_parser
-from bridge.config import Config, ConfigError
+from bridge.config import Config
 from bridge.envelope import Conversation, make_envelope
+from bridge.errors import ConfigError
 from tests.conftest import wait_for
 from tests.fakes.wecom_api import FakeWeComAPI
 

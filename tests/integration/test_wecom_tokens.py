@@ -10,10 +10,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from adapters.wecom.api import ApiError, OfficialAccountApi, TokenCache, WeComApi, send_error
-from bridge.adapter import PermanentError, RetryableError
+from adapters.wechat.client import OfficialAccountApi, WeComApi
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.tokens import TokenCache
 from bridge.bus import Keys
 from bridge.config import Secret
+from bridge.errors import PermanentError, RetryableError
 from tests.conftest import REDIS_URL
 from tests.fakes.wecom_api import FakeWeComAPI
 

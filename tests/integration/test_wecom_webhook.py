@@ -13,6 +13,7 @@ import pytest
 import structlog
 from aiohttp import web
 
+from bridge.bus import Field
 from bridge.config import Rate
 from bridge.envelope import Attachment, Conversation, make_envelope
 from bridge.text import split_text
@@ -79,7 +80,11 @@ async def start(
 ) -> Any:  # fmt: skip
     url = key or f"{fake.base}/cgi-bin/webhook/send?key={KEY}"
     body = CONFIG.format(rate=f'rate = "{rate}"' if rate is not None else "", key=url, extra=extra)
-    return await start_daemon(write_config(body))
+    return await start_daemon(write_config(LOOPBACK_FETCH + body))
+
+
+#: the test's file server is on loopback: let the sink fetch from it (bridge/egress.py refuses it else)
+LOOPBACK_FETCH = 'fetch_hosts = ["127.0.0.1"]\nfetch_private = ["127.0.0.0/8"]\n'
 
 
 async def publish(d: Any, text: str, **fields: Any) -> None:
@@ -220,7 +225,7 @@ async def test_a_bad_key_dead_letters_without_showing_it(
         await publish(d, "hello")
         await wait_for(lambda: dead_letters(d))
     [dead] = await dead_letters(d)
-    reason = dead[b"reason"].decode()
+    reason = dead[Field.REASON.key].decode()
     assert "errcode 93000" in reason and "copy the robot's webhook URL again" in reason
     assert "not-a-real-key" not in reason and "not-a-real-key" not in repr(logs)
 

@@ -11,7 +11,8 @@ import pytest
 
 from bridge import cli
 from bridge.adapter import Registry
-from bridge.config import ConfigError, load
+from bridge.config import load
+from bridge.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "bridge.example.toml"
 

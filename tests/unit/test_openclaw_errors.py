@@ -6,6 +6,7 @@ import asyncio
 import re
 from typing import Any
 
+import aiohttp
 import pytest
 
 from adapters.openclaw.gateway import (
@@ -13,8 +14,8 @@ from adapters.openclaw.gateway import (
     FrameTooLarge,
     GatewayClient,
     GatewayError,
-    Refused,
-    RunFailed,
+    GatewayRefused,
+    RunEnded,
     _Retry,
     connect_refusal,
     final_answer,
@@ -22,8 +23,8 @@ from adapters.openclaw.gateway import (
 )
 from adapters.openclaw.http import http_base
 from adapters.openclaw.sink import KeyRejected, OpenClawSink, run_failure, turn_error
-from bridge.adapter import PermanentError, Registry, RetryableError
-from bridge.config import ConfigError
+from bridge.adapter import Registry
+from bridge.errors import ConfigError, PermanentError, RetryableError
 
 # -- connecting ----------------------------------------------------------------------------------
 
@@ -37,7 +38,7 @@ def test_a_bad_token_is_a_refusal_that_names_the_fix() -> None:
         }
     )
     r = connect_refusal(err, "dev1")
-    assert isinstance(r, Refused)
+    assert isinstance(r, GatewayRefused)
     assert "refused the credentials" in str(r) and "AUTH_TOKEN_MISMATCH" in str(r) and "token" in str(r)
 
 
@@ -50,11 +51,11 @@ def test_pairing_and_protocol_refusals() -> None:
         }
     )
     r = connect_refusal(pairing, "dev1")
-    assert isinstance(r, Refused) and "openclaw devices approve req-7" in str(r) and "dev1" in str(r)
+    assert isinstance(r, GatewayRefused) and "openclaw devices approve req-7" in str(r) and "dev1" in str(r)
     proto = GatewayError(
         {"code": "INVALID_REQUEST", "message": "protocol mismatch", "details": {"code": "PROTOCOL_MISMATCH"}}
     )
-    assert isinstance(connect_refusal(proto, "d"), Refused)
+    assert isinstance(connect_refusal(proto, "d"), GatewayRefused)
     device = GatewayError(
         {
             "code": "INVALID_REQUEST",
@@ -114,7 +115,7 @@ def test_the_answer_is_the_runs_payload_texts() -> None:
     ],
 )
 def test_a_run_without_an_answer_fails(payload: dict[str, Any], words: str) -> None:
-    with pytest.raises(RunFailed, match=re.escape(words)):
+    with pytest.raises(RunEnded, match=re.escape(words)):
         final_answer(payload, "k")
 
 
@@ -139,7 +140,7 @@ def test_a_failed_run_is_permanent_with_the_reason() -> None:
         str(out)
         == "the agent run failed: LLM request failed: provider rejected the request schema or tool payload."
     )
-    assert isinstance(run_failure({"status": "error"}, RunFailed("boom")), PermanentError)
+    assert isinstance(run_failure({"status": "error"}, RunEnded("boom")), PermanentError)
 
 
 def test_after_a_gateway_restart_the_old_key_is_rejected_not_failed() -> None:
@@ -166,7 +167,7 @@ def test_unavailable_is_retryable_and_the_rest_permanent() -> None:
     assert isinstance(plain, RetryableError) and plain.retry_after == 5.0
     unknown = turn_error(GatewayError({"code": "INVALID_REQUEST", "message": 'Unknown agent id "nosuch"'}))
     assert isinstance(unknown, PermanentError) and "Unknown agent id" in str(unknown)
-    restart = run_failure({"status": "timeout", "stopReason": "restart"}, RunFailed("aborted"))
+    restart = run_failure({"status": "timeout", "stopReason": "restart"}, RunEnded("aborted"))
     assert isinstance(restart, RetryableError)
 
 
@@ -242,7 +243,9 @@ class _NoSocket:
 
 
 async def test_a_request_over_max_payload_is_refused_before_sending() -> None:
-    client = GatewayClient("ws://127.0.0.1:1", token=None, password=None, device=None, log=None)
+    client = GatewayClient(
+        "ws://127.0.0.1:1", token=None, password=None, device=None, log=None, http=aiohttp.ClientSession
+    )
     conn = Connection(_NoSocket(), {"policy": {"maxPayload": 1000}}, 1)  # type: ignore[arg-type]
     with pytest.raises(FrameTooLarge, match=r"over the gateway's policy.maxPayload of 1000 bytes"):
         await client.request(conn, "agent", {"message": "x" * 2000, "idempotencyKey": "k"})

@@ -14,20 +14,14 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.simulate import _xml
-from adapters.wechat_inbound import (
-    Refused,
-    check_timestamp,
-    field,
-    parse_json_object,
-    parse_query,
-    parse_xml,
-    xml_message,
-)
+from adapters.wechat.callback import check_timestamp, parse_query, xml_message
+from adapters.wechat.parsing import CallbackRefused, field, parse_json_object, parse_xml
+from adapters.wechat.simulate import _xml
 from adapters.wecom.aibot import aibot_envelope, fit
 from bridge.adapter import Registry
-from bridge.config import Config, ConfigError
+from bridge.config import Config
 from bridge.envelope import Attachment, Conversation, stable_id
+from bridge.errors import ConfigError
 
 KEY = "d2VjaGF0LWJyaWRnZSB0ZXN0IGtleSAzMiBieXRlcyE"
 
@@ -37,7 +31,7 @@ def q(query: str) -> dict[str, str]:
 
 
 def refused(fn: Callable[[], Any]) -> tuple[int, str]:
-    with pytest.raises(Refused) as e:
+    with pytest.raises(CallbackRefused) as e:
         fn()
     return e.value.status, e.value.reason
 
@@ -295,7 +289,7 @@ def test_valid_options_with_defaults(write_config: Callable[..., Config]) -> Non
     )  # fmt: skip
     opts = Registry.from_module("adapters").validate(write_config(body))
     a, b, c = opts["a"], opts["b"], opts["c"]
-    assert (a.timestamp_tolerance, a.dedupe_ttl, a.max_body) == (300, 86400, 65536)
+    assert (a.timestamp_tolerance, a.dedupe_ttl, a.max_body) == (300, 86400, 32768)
     assert b.encoding_aes_key is None and b.app_id == "" and not b.allow_plaintext
     assert (c.stream, c.stream_window) == (True, 330)
     assert (opts["o"].timeout, opts["o"].poll_interval) == (10.0, 0.2)
@@ -347,7 +341,7 @@ def _oracle(data: bytes) -> tuple[str, Any]:
 def _ours(data: bytes) -> tuple[str, Any]:
     try:
         return "ok", parse_xml(data, "m")
-    except Refused as e:
+    except CallbackRefused as e:
         assert e.status == 400
         reason = e.reason.removeprefix("m: ")
         return "refused", "nested" if reason == "XML nested too deeply" else reason
@@ -452,19 +446,19 @@ def _flat_docs(draw: Any) -> bytes:
 @given(doc=_flat_docs())
 @settings(max_examples=1500, deadline=None)
 def test_flat_documents_parse_as_expat_parses_them(doc: bytes) -> None:
-    from adapters.wechat_inbound import _parse_expat, _parse_flat
+    from adapters.wechat.parsing import _parse_expat, _parse_flat
 
     flat = _parse_flat(doc)
     try:
         full: Any = _parse_expat(doc, "m")
-    except Refused as e:
+    except CallbackRefused as e:
         full = e
     if flat is not None:  # the short path only answers when expat would give that very dict
         assert flat == full
 
 
 def test_the_short_path_takes_what_wechat_sends() -> None:
-    from adapters.wechat_inbound import _parse_flat
+    from adapters.wechat.parsing import _parse_flat
 
     doc = (
         b"<xml><ToUserName><![CDATA[ww1]]></ToUserName>\n<FromUserName><![CDATA[u]]></FromUserName>"

@@ -8,12 +8,13 @@ import pytest
 
 from adapters.official_account.customer_service import openid_of
 from adapters.official_account.customer_service import render as oa_render
-from adapters.wecom.api import ApiError, attachment_line, send_error, text_parts
+from adapters.wechat.errcodes import ApiError, send_error
+from adapters.wechat.parts import attachment_line, text_parts
 from adapters.wecom.app_sink import Target, render, target_of
 from adapters.wecom.webhook_sink import parse_key
-from bridge.adapter import PermanentError, Registry, RetryableError
-from bridge.config import ConfigError
+from bridge.adapter import Registry
 from bridge.envelope import Attachment, Conversation, Delivery, make_envelope
+from bridge.errors import ConfigError, PermanentError, RetryableError
 
 
 def delivery(conv: str | None, env_conv: str = "alice", kind: str = "direct") -> Delivery:

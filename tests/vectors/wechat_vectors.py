@@ -1,6 +1,6 @@
 """Published WXBizMsgCrypt test vectors (data only), each with its source.
 
-Every inbound vector below was checked against adapters/wechat_crypto.py: the published
+Every inbound vector below was checked against adapters/wechat/crypto.py: the published
 msg_signature matches AND the ciphertext decrypts (strict padding, exact receive id).  Where the
 source does not print the plaintext, `expected` holds what we decrypted and the comment says so.
 Encryption vectors fix the 16-byte random prefix, so our ciphertext must equal the published one.

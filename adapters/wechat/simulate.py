@@ -20,17 +20,15 @@ import secrets
 import sys
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from adapters.official_account.push import WeChatOAOptions
-from adapters.wechat_crypto import CryptoError, WXBizMsgCrypt, plain_signature
-from adapters.wechat_inbound import InboundOptions
-from adapters.wecom.aibot import WeComAIBotOptions
-from adapters.wecom.app_callback import WeComAppOptions
+from adapters.wechat.callback import InboundOptions
+from adapters.wechat.crypto import CryptoError, WXBizMsgCrypt, plain_signature
 from bridge.adapter import Registry
-from bridge.config import Config, convert
+from bridge.config import Config, Secret, convert
 
 KINDS: dict[str, tuple[str, ...]] = {
     "wecom_app": ("text", "image", "voice", "video", "location", "link", "event"),
@@ -152,24 +150,21 @@ def _build(type_: str, options: InboundOptions, args: argparse.Namespace) -> _Re
     nonce = str(secrets.randbelow(9 * 10**9) + 10**9)
     token = options.token.reveal()
     if type_ == "wechat_oa":
-        assert isinstance(options, WeChatOAOptions)
-        return _oa(options, args, token, ts, nonce)
-    if type_ == "wecom_app":
-        assert isinstance(options, WeComAppOptions)
-        crypt = WXBizMsgCrypt(token, options.encoding_aes_key.reveal(), options.corp_id)
-    else:
-        assert isinstance(options, WeComAIBotOptions)
-        crypt = WXBizMsgCrypt(token, options.encoding_aes_key.reveal(), "")
+        return _oa(_keys(options, "app_id"), args, token, ts, nonce)
+    keys = _keys(options, "corp_id" if type_ == "wecom_app" else None)
+    if keys.aes_key is None:  # pragma: no cover - both WeCom types require the key
+        raise _Usage(f"a {type_} inbound needs an encoding_aes_key")
+    crypt = WXBizMsgCrypt(token, keys.aes_key.reveal(), keys.receive_id)
     if args.verify:
         echo = str(secrets.randbelow(10**18))
         enc = crypt.encrypt(echo.encode())
         req = _Request("GET", _signed(crypt, ts, nonce, enc) | {"echostr": enc})
         req.expect = echo.encode()
         return req
-    if isinstance(options, WeComAppOptions):
-        msg = _xml(_app_fields(options, args, ts))
+    if type_ == "wecom_app":
+        msg = _xml(_app_fields(keys.receive_id, args, ts))
         enc = crypt.encrypt(msg)
-        outer = _xml([("ToUserName", options.corp_id), ("Encrypt", enc), ("AgentID", args.agent_id)])
+        outer = _xml([("ToUserName", keys.receive_id), ("Encrypt", enc), ("AgentID", args.agent_id)])
         return _Request("POST", _signed(crypt, ts, nonce, enc), outer, "text/xml")
     enc = crypt.encrypt(json.dumps(_aibot_payload(args, ts), ensure_ascii=False).encode())
     req = _Request(
@@ -224,12 +219,27 @@ def _xml_fields(to: str, args: argparse.Namespace, ts: str, type_: str) -> list[
     return fields
 
 
-def _app_fields(options: WeComAppOptions, args: argparse.Namespace, ts: str) -> list[tuple[str, str]]:
-    return [*_xml_fields(options.corp_id, args, ts, "wecom_app"), ("AgentID", args.agent_id)]
+def _app_fields(corp_id: str, args: argparse.Namespace, ts: str) -> list[tuple[str, str]]:
+    return [*_xml_fields(corp_id, args, ts, "wecom_app"), ("AgentID", args.agent_id)]
 
 
-def _oa(options: WeChatOAOptions, args: argparse.Namespace, token: str, ts: str, nonce: str) -> _Request:
-    key = options.encoding_aes_key
+@dataclass
+class _Keys:
+    """What the crypto needs from an inbound's options: its EncodingAESKey and receive id."""
+
+    aes_key: Secret | None
+    receive_id: str
+
+
+def _keys(options: InboundOptions, receive_id_key: str | None) -> _Keys:
+    """Read by key name: this module serves every WeChat inbound and imports none of them."""
+    key = getattr(options, "encoding_aes_key", None)
+    receive_id = getattr(options, receive_id_key, "") if receive_id_key else ""
+    return _Keys(key if isinstance(key, Secret) else None, str(receive_id))
+
+
+def _oa(keys: _Keys, args: argparse.Namespace, token: str, ts: str, nonce: str) -> _Request:
+    key = keys.aes_key
     if args.verify:
         echo = str(secrets.randbelow(10**18))
         query = {
@@ -253,7 +263,7 @@ def _oa(options: WeChatOAOptions, args: argparse.Namespace, token: str, ts: str,
         return _Request("POST", query, _xml(fields), "text/xml")
     if key is None:
         raise _Usage(f"--mode {mode}: the inbound has no encoding_aes_key")
-    crypt = WXBizMsgCrypt(token, key.reveal(), options.app_id)
+    crypt = WXBizMsgCrypt(token, key.reveal(), keys.receive_id)
     enc = crypt.encrypt(_xml(fields))
     query |= {"encrypt_type": "aes", "msg_signature": crypt.signature(ts, nonce, enc)}
     outer = (

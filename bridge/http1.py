@@ -1,8 +1,10 @@
 """A small HTTP/1.1 client for the ``http`` sink's plain-``http://`` POSTs: keep-alive and nothing else.
 
-aiohttp's client spends about 100 µs of CPU on every request (URL and header objects, cookie jar,
-tracing, timers, a task per body write) — on the relay's hot path that was half of all the work.
-This client writes one buffer per request and parses a status line and headers: ~20 µs.
+Why it exists: aiohttp's client does much per request (URL and header objects, cookie jar,
+tracing, timers, a task per body write), and on the relay's hot path that was most of the sink's
+work. This client writes one buffer per request and parses a status line and headers. It sits
+behind the same interface as aiohttp's (bridge/transport.py, which says why both stay;
+the figures are in bench/RESULTS.md, ``python -m bench.http_clients``).
 
 What it does: keep-alive connections per sink (idle ones are dropped before servers usually drop
 them), Content-Length and chunked response bodies, bodies delimited by the connection's end,
@@ -71,7 +73,9 @@ class _Conn:
             now - self.used < IDLE_TIMEOUT
             and not self.reader.at_eof()
             and not self.writer.is_closing()
-            and not self.reader._buffer  # type: ignore[attr-defined]  # stray bytes: not reusable
+            # stray bytes: not reusable. asyncio keeps no public way to see them: its private buffer,
+            # pinned by tests/integration/test_http1.py::test_pin_the_private_streamreader_buffer_...
+            and not self.reader._buffer  # type: ignore[attr-defined]
         )
 
     def close(self) -> None:
@@ -120,7 +124,7 @@ class Http1Pool:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(self.host, self.port, limit=_HEAD_LIMIT)
             conn = _Conn(reader, writer)
-        # the deadline is kept by one watchdog timer for all requests (asyncio.timeout costs ~8 µs each)
+        # one watchdog timer keeps the deadline of every request (cheaper than an asyncio.timeout each)
         conn.deadline = deadline
         self._busy.add(conn)
         if self._watchdog is None:
@@ -208,11 +212,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[Response, bool]:
     keep = ("keep-alive" in conn_tokens) if http10 else ("close" not in conn_tokens)
     te = headers.get("transfer-encoding", "").lower()
     if status in (204, 304):
-        body = b""
+        body, whole = b"", True
     elif te:
         if not te.endswith("chunked"):
             raise ProtocolError(f"unsupported transfer-encoding {te!r}")
-        body = await _read_chunked(reader)
+        body, whole = await _read_chunked(reader)
     elif "content-length" in headers:
         try:
             n = int(headers["content-length"])
@@ -220,16 +224,27 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[Response, bool]:
             raise ProtocolError("bad content-length") from None
         if n < 0:
             raise ProtocolError("bad content-length")
-        if n > MAX_BODY:
-            body, keep = await reader.read(MAX_BODY), False
-        else:
-            body = await reader.readexactly(n)
+        body, whole = await reader.readexactly(min(n, MAX_BODY)), n <= MAX_BODY
     else:  # delimited by the end of the connection
-        body, keep = await reader.read(MAX_BODY), False
-    return Response(status, headers, body), keep
+        body, whole = await _read_to_end(reader, MAX_BODY)
+        keep = False
+    return Response(status, headers, body), keep and whole
 
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def _read_to_end(reader: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
+    """Everything up to the connection's end, however many segments it comes in; (at most ``cap``
+    bytes, True when that was all of it)."""
+    buf = bytearray()
+    while len(buf) < cap:
+        chunk = await reader.read(cap - len(buf))
+        if not chunk:
+            return bytes(buf), True
+        buf += chunk
+    return bytes(buf), reader.at_eof()
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """A chunked body (extensions and trailers skipped); (at most MAX_BODY bytes, True when whole)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -241,10 +256,11 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         if n == 0:
             while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
                 pass
-            return b"".join(chunks)
+            return b"".join(chunks), True
+        if size + n > MAX_BODY:  # cut at the cap: the rest stays unread, the connection is closed
+            chunks.append(await reader.readexactly(MAX_BODY - size))
+            return b"".join(chunks), False
         size += n
-        if size > MAX_BODY:
-            raise ProtocolError("chunked body too long")
         chunks.append(await reader.readexactly(n))
         if await reader.readexactly(2) != b"\r\n":
             raise ProtocolError("bad chunk end")
