@@ -95,6 +95,8 @@ class FeedOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedupe_ttl: int = 30 * 86_400
     #: pages one poll follows at most (a guard against an API that never says "end")
     max_pages: int = 1000
+    #: bytes one response body may have (a larger one is an error, retried with back-off)
+    max_response: int = 8 * 1024 * 1024
 
     def check(self) -> None:
         if self.interval <= 0:
@@ -111,6 +113,8 @@ class FeedOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("lease_ttl: must be more than 0.3 seconds")
         if self.dedupe_ttl < 1 or self.max_pages < 1:
             raise ValueError("dedupe_ttl: must be at least 1 (and max_pages at least 1)")
+        if self.max_response < 1024:
+            raise ValueError("max_response: at least 1024 bytes")
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,18 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     except (TypeError, ValueError, IndexError):
         return None
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+async def read_body(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """A response's body, at most ``cap`` bytes (the request's timeout bounds the time); a larger
+    one raises TransientFeedError without reading the rest."""
+    declared = response.content_length
+    if declared is not None and declared > cap:
+        raise TransientFeedError(f"response body of {declared} bytes is over max_response ({cap})")
+    data = await response.content.read(cap + 1)
+    if len(data) > cap:
+        raise TransientFeedError(f"response body is over max_response ({cap} bytes)")
+    return data
 
 
 class LeaseLost(Exception):

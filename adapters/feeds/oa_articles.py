@@ -45,6 +45,7 @@ from bridge.poller import (
     Page,
     PermanentFeedError,
     TransientFeedError,
+    read_body,
     retry_after_seconds,
 )
 
@@ -248,7 +249,7 @@ class OAArticlesFeed(Feed):
         headers = {"Authorization": f"Bearer {self.options.api_key.reveal()}", "Accept": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self.options.timeout)
         async with self.ctx.http().get(url, params=params, headers=headers, timeout=timeout) as r:
-            data = await r.read()
+            data = await read_body(r, self.options.max_response)
             if r.status in (401, 403):
                 raise PermanentFeedError(
                     f"oa_articles: HTTP {r.status}: the API key was refused; create or reveal a valid key "

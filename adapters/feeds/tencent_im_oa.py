@@ -32,7 +32,7 @@ import aiohttp
 
 from bridge.config import Rate, Secret
 from bridge.envelope import Conversation, Sender
-from bridge.poller import Feed, FeedItem, FeedOptions, Page, PermanentFeedError, TransientFeedError
+from bridge.poller import Feed, FeedItem, FeedOptions, Page, PermanentFeedError, TransientFeedError, read_body
 from bridge.ratelimit import Limit, Limiter
 
 from .usersig import gen_usersig
@@ -250,7 +250,7 @@ class TencentIMOAFeed(Feed):
             url = self.options.base_url.rstrip("/") + PATH
             timeout = aiohttp.ClientTimeout(total=self.options.timeout)
             async with self.ctx.http().post(url, params=params, json=body, timeout=timeout) as r:
-                data = await r.read()
+                data = await read_body(r, self.options.max_response)
                 if r.status != 200:
                     raise TransientFeedError(f"tencent_im_oa: HTTP {r.status}")
             try:

@@ -31,6 +31,7 @@ from bridge.poller import (
     Page,
     PermanentFeedError,
     TransientFeedError,
+    read_body,
     retry_after_seconds,
 )
 
@@ -146,7 +147,7 @@ class XAlertsFeed(Feed):
         headers = {"x-api-key": self.options.api_key.reveal(), "Accept": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self.options.timeout)
         async with self.ctx.http().get(url, params=params, headers=headers, timeout=timeout) as r:
-            data = await r.read()
+            data = await read_body(r, self.options.max_response)
             st = r.status
             if st == 401:
                 raise PermanentFeedError(

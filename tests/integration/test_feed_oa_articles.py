@@ -344,3 +344,19 @@ async def test_a_stop_drops_a_slow_fetch_and_commits_nothing(
     await asyncio.wait_for(d.stop(), 20)  # well before timeout (30 s) + shutdown_timeout would end it
     assert await redis.get(f"{prefix}:{{lease:feed:oa}}:cursor") is None
     assert await redis.get(f"{prefix}:{{lease:feed:oa}}") is None  # the lease was released
+
+
+async def test_a_body_over_max_response_is_an_error_not_a_read(
+    write_config: Any, start_daemon: Any, redis: Any, prefix: str, fake: FakeOAArticlesAPI
+) -> None:
+    for i in range(5):
+        fake.add("x" * 400 + str(i))
+    d = await start_daemon(config(write_config, fake, extra="max_response = 1024"))
+    await wait_for(lambda: feed(d).poller.counters.errors >= 1)
+
+    async def recorded() -> bool:
+        return "last_error" in await status(redis, prefix)
+
+    await wait_for(recorded)
+    assert "over max_response" in (await status(redis, prefix))["last_error"]
+    assert await envelopes(redis, prefix) == [] and feed(d).poller.stopped is None
