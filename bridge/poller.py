@@ -208,7 +208,7 @@ class _Stopping(Exception):
 
 
 @dataclass
-class Counters:
+class FeedCounters:
     polls: int = 0
     items: int = 0
     duplicates: int = 0
@@ -230,7 +230,7 @@ class Poller:
         self.lease = Lease(redis, keys, f"feed:{feed.name}", self.owner, ttl=feed.options.lease_ttl)
         #: why the feed stopped (a permanent error), else None
         self.stopped: str | None = None
-        self.counters = Counters()
+        self.counters = FeedCounters()
         #: the last error of a one-off dry run (the daemon's go to the status hash)
         self.last_error: str | None = None
         self._stop = asyncio.Event()
