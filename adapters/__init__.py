@@ -12,6 +12,9 @@ SOURCES: dict[str, str] = {
     "wecom_aibot_ws": "adapters.wecom.aibot_ws:WeComAIBotWSSource",
     "wechat_oa": "adapters.official_account.push:WeChatOASource",
     "wechaty": "adapters.wechaty.source:WechatySource",
+    "oa_articles": "adapters.feeds.oa_articles:OAArticlesFeed",
+    "tencent_im_oa": "adapters.feeds.tencent_im_oa:TencentIMOAFeed",
+    "x_alerts": "adapters.feeds.x_alerts:XAlertsFeed",
 }
 
 SINKS: dict[str, str] = {

@@ -120,8 +120,7 @@ class Source(Adapter):
         """The long-lived task; restarted with backoff if it crashes."""
 
     def stop(self) -> None:
-        """Ask ``run`` to return soon: the daemon is stopping (it cancels ``run`` after
-        ``shutdown_timeout`` otherwise)."""
+        """Ask ``run`` to return soon: the daemon is stopping (called before it waits for its tasks)."""
 
 
 class DeliveryServices(Protocol):

@@ -1,4 +1,4 @@
-"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, status, dead.
+"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, status, poll, dead.
 
 Every command takes ``--config F`` (default ``$WECHAT_BRIDGE_CONFIG``, then ``./bridge.toml``). On
 the embedded default the commands talk to the running daemon's Redis through its socket.
@@ -25,6 +25,7 @@ from bridge.dead import DeadLetters
 from bridge.embedded_redis import client_url
 from bridge.envelope import Conversation, Sender, make_envelope
 from bridge.errors import ConfigError, EmbeddedRedisError
+from bridge.poller import configure_poll, feed_status, feed_table, is_feed, poll_once
 from bridge.redact import masked
 from bridge.status import snapshot, table
 
@@ -140,20 +141,41 @@ def cmd_inject(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_inject(cfg, args))
 
 
-async def _status(cfg: Config, as_json: bool, scan: bool) -> int:
+async def _status(cfg: Config, as_json: bool, scan: bool, registry: Registry | None = None) -> int:
     r = _redis(cfg)
     try:
         partitions = {o.name: o.partitions for o in cfg.outbound}
         snap = await snapshot(r, Keys(cfg.redis.prefix), list(partitions), partitions=partitions, scan=scan)
+        feeds: dict[str, Any] = {}
+        if registry is not None:  # the feeds' cursor, last success, last error, next poll
+            names = [
+                i.name for i in cfg.inbound if is_feed(registry.source(i.type, f"inbound.{i.name}", cfg.path))
+            ]
+            if names:
+                feeds = await feed_status(r, Keys(cfg.redis.prefix), names)
     finally:
         await r.aclose()
-    print(json.dumps(snap.to_json(), indent=2) if as_json else table(snap))
+    if as_json:
+        out = snap.to_json()
+        if feeds:
+            out["feeds"] = feeds
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        print(table(snap))
+        if feeds:
+            print(feed_table(feeds))
     return 0
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     as_json = args.json or not (args.table or sys.stdout.isatty())
-    return asyncio.run(_status(cfg, as_json, args.scan))
+    return asyncio.run(_status(cfg, as_json, args.scan, Registry.from_module(args.adapters)))
+
+
+def cmd_poll(args: argparse.Namespace, cfg: Config) -> int:
+    return asyncio.run(
+        poll_once(cfg, args, Registry.from_module(args.adapters), client_url(cfg.data_dir, cfg.redis.url))
+    )
 
 
 async def _dead(cfg: Config, args: argparse.Namespace) -> int:
@@ -223,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--title", default=None)
     i.add_argument("--group", action="store_true", help="the conversation is a group")
     i.add_argument("--mention", action="store_true", help="the message mentions the bot")
-    st = add("status", cmd_status, "streams, lag, pending, dead letters, live instances, lease holders")
+    st = add(
+        "status", cmd_status, "streams, lag, pending, dead letters, live instances, lease holders, feeds"
+    )
     fmt = st.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON (the default when not on a terminal)")
     fmt.add_argument("--table", action="store_true", help="tables (the default on a terminal)")
@@ -234,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("ids", nargs="*", help="dead-letter ids (from `dead list`)")
     dl.add_argument("--all", action="store_true", help="replay or purge every dead letter")
     dl.add_argument("--count", "-n", type=int, default=None, help="list: at most this many, oldest first")
+    configure_poll(add("poll", cmd_poll, "poll one feed once and print what it finds (--publish to publish)"))
     for name, (configure, fn) in extra_commands().items():
         sp = add(name, fn, f"{name} (from the adapters)")
         configure(sp)

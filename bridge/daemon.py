@@ -29,6 +29,7 @@ from bridge.lease import Lease
 from bridge.listener import Listener, install_accept_guard
 from bridge.metrics import Metrics
 from bridge.partitions import Members, Partitions, SinkRunners, Worker
+from bridge.poller import FeedCollector
 from bridge.router import Router
 from bridge.status import Heartbeat, gauge, snapshot
 from bridge.web import Counters, build_admin_app, build_app
@@ -276,6 +277,7 @@ class Daemon:
         self._options: dict[str, Any] = {}
         self._stop_requested = asyncio.Event()
         self.metrics = Metrics()
+        self.metrics.registry.register(FeedCollector(lambda: self.sources.items()))
         self.heartbeat: Heartbeat | None = None
         self._crashes_counted: dict[str, int] = {}
 

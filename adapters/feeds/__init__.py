@@ -1,0 +1,1 @@
+"""REST feeds polled by the core loop (bridge/poller.py): one module per API."""
