@@ -189,6 +189,16 @@ class Sink(Adapter):
     async def send(self, delivery: Delivery, ctx: SendContext) -> str:
         raise NotImplementedError
 
+    def session_of(self, delivery: Delivery) -> str | None:
+        """The agent session this delivery's turn would go to, in words (``/status``); None: this
+        sink keeps no sessions."""
+        return None
+
+    async def stop_turn(self, delivery: Delivery) -> str | None:
+        """Abort the agent turn in flight in this delivery's session (``/stop``) and say what was
+        done, in a sentence; None: this sink runs no turns."""
+        return None
+
 
 class Registry:
     """Maps a config ``type`` to an adapter class.

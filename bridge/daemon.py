@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -16,12 +17,13 @@ import aiohttp
 from aiohttp import web
 
 from bridge import logging as blog
+from bridge.access import Gate
 from bridge.adapter import Context, Registry, Sink, Source
 from bridge.bus import UNAVAILABLE, Bus, Keys, connect
 from bridge.config import Config
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
-from bridge.router import Router
+from bridge.router import Router, plan
 from bridge.runner import Runner
 from bridge.web import Counters, build_app
 
@@ -297,7 +299,8 @@ class Daemon:
         """The router and one runner per sink, as supervised tasks; and the long-running sources."""
         cfg = self.config
         assert self.bus is not None
-        self.router = Router(cfg, self.bus, self.instance)
+        gate = Gate(cfg, self.bus, functools.partial(plan, cfg), self.sinks)
+        self.router = Router(cfg, self.bus, self.instance, gate=gate)
         for o in cfg.outbound:
             self.runners[o.name] = Runner(
                 self.sinks[o.name], o, self.bus, self.instance, shutdown_timeout=cfg.bridge.shutdown_timeout

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from bridge import logging as blog
+from bridge.access import Gate
 from bridge.bus import ROUTER_GROUP, Bus, Field
 from bridge.config import Config, OutboundConfig, RouteConfig
 from bridge.envelope import Delivery, Envelope, Origin, decode_envelope, delivery_id, make_envelope, stable_id
@@ -114,7 +116,9 @@ class Router:
     idempotency marker keeps that from sending twice.
     """
 
-    def __init__(self, config: Config, bus: Bus, consumer: str, *, batch: int = 256) -> None:
+    def __init__(
+        self, config: Config, bus: Bus, consumer: str, *, batch: int = 256, gate: Gate | None = None
+    ) -> None:
         self.config = config
         self.bus = bus
         self.consumer = consumer
@@ -122,6 +126,8 @@ class Router:
         self._stopping = asyncio.Event()
         self._sinks = {o.name: o for o in config.outbound}
         self.routed = 0
+        #: access policies and session commands (bridge/access.py), before any message is planned
+        self.gate = gate if gate is not None else Gate(config, bus, functools.partial(plan, config))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -171,6 +177,7 @@ class Router:
         """The ids of a batch and the deliveries they make (undecodable entries are dead-lettered)."""
         ids = []
         out: list[Delivery] = []
+        envs: list[Envelope] = []
         for eid, fields in entries:
             ids.append(eid)
             raw = fields.get(Field.ENVELOPE.key)
@@ -184,6 +191,13 @@ class Router:
                     raw or b"", reason=f"undecodable inbound entry: {e}", origin="inbound",
                     attempts=0, instance=self.consumer,
                 )  # fmt: skip
+                continue
+            envs.append(env)
+        await self.gate.prepare(envs)
+        for env in envs:
+            answers = await self.gate.admit(env)
+            if answers is not None:  # refused, or a command: not routed; the bridge's answers go
+                out += answers
                 continue
             deliveries = plan(self.config, env, self._sinks)
             if not deliveries and blog.debug_enabled():
