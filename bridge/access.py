@@ -110,7 +110,7 @@ class Gate:
 
     async def prepare(self, envs: Sequence[Envelope]) -> None:
         """Once per batch, before :meth:`admit`: stamp the session generation (one Redis call)."""
-        await self.commands.stamp([e for e in envs if self.gated(e)])
+        await self.commands.load([e for e in envs if self.gated(e)])
 
     async def admit(self, env: Envelope) -> list[Delivery] | None:
         """None: route ``env`` as usual. A list: do not route it; send these answers instead."""
@@ -126,7 +126,10 @@ class Gate:
                 return await self._pair(env, a)
         if decision.refused:
             return await self._refuse(env, a, decision)
-        return await self.commands.handle(env, admin=env.sender is not None and env.sender.id in a.admins)
+        answers = await self.commands.handle(env, admin=env.sender is not None and env.sender.id in a.admins)
+        if answers is None:
+            self.commands.stamp(env)
+        return answers
 
     async def _refuse(self, env: Envelope, a: AccessConfig, decision: Decision) -> list[Delivery]:
         self.refused += 1
@@ -140,7 +143,7 @@ class Gate:
         d = self.answer(env, a.refusal_reply, "refusal")
         return [d] if d else []
 
-    async def _pair(self, env: Envelope, a: AccessConfig) -> list[Delivery]:
+    async def _pair(self, env: Envelope, a: AccessConfig) -> list[Delivery] | None:
         assert env.sender is not None
         self.refused += 1
         issued = await self.pairing.issue(
@@ -150,7 +153,10 @@ class Gate:
             "access.pairing", source=env.source, envelope=env.id, sender=env.sender.id, status=issued.status
         )
         if issued.status == "paired":  # approved between our two looks
-            return await self.commands.handle(env, admin=False) or []
+            answers = await self.commands.handle(env, admin=False)
+            if answers is None:
+                self.commands.stamp(env)
+            return answers
         if issued.status == "full":
             log.warning("access.pairing_full", source=env.source, max_pending=a.max_pending)
             return []

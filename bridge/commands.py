@@ -92,18 +92,20 @@ class Commands:
     def gen_key(self, env: Envelope) -> str:
         return f"{self.bus.keys.prefix}:{{session}}:{env.source}:{env.conversation.id}"
 
-    async def stamp(self, envs: Sequence[Envelope]) -> None:
-        """Read the generations of a batch's conversations (one MGET) and stamp each envelope."""
+    async def load(self, envs: Sequence[Envelope]) -> None:
+        """Read the generations of a batch's conversations (one MGET), for :meth:`stamp`."""
         self._gens = {}
         if not self._stamp or not envs:
             return
         keys = list(dict.fromkeys(self.gen_key(e) for e in envs))
         values = await self.bus.redis.mget(keys)
         self._gens = {k: int(v) for k, v in zip(keys, values, strict=True) if v is not None}
-        for e in envs:
-            self._set_gen(e)
 
-    def _set_gen(self, env: Envelope) -> None:
+    def stamp(self, env: Envelope) -> None:
+        """Write the conversation's generation on a message about to be routed (in batch order, so a
+        ``/new`` earlier in the batch counts)."""
+        if not self._stamp:
+            return
         gen = self._gens.get(self.gen_key(env), 0)
         if gen:
             env.meta = {**env.meta, SESSION_GEN: str(gen)}

@@ -155,8 +155,24 @@ class Pairing:
     async def revoke(self, sender: str, inbound: str | None = None) -> list[str]:
         """Unpair ``sender`` (on one inbound, or all); the inbounds it was paired on."""
         found: list[str] = []
-        for name in await self.paired() if inbound is None else {inbound: []}:
+        names = (
+            [inbound]
+            if inbound is not None
+            else sorted({*await self.paired(), *await self._pending_inbounds()})
+        )
+        for name in names:
             if await self.redis.srem(self.keys.paired(name), sender):
                 found.append(name)
-            await self.redis.hdel(self.keys.pending(name), sender)
-        return found
+            value = await self.redis.hget(self.keys.pending(name), sender)
+            if value is not None:  # its waiting code goes too: approving it later pairs nobody
+                await self.redis.delete(self.keys.code(value.decode().partition("|")[0]))
+                await self.redis.hdel(self.keys.pending(name), sender)
+                found.append(name)
+        return sorted(set(found))
+
+    async def _pending_inbounds(self) -> set[str]:
+        head = len(self.keys.pending(""))
+        return {
+            (k.decode() if isinstance(k, bytes) else k)[head:]
+            async for k in self.redis.scan_iter(match=self.keys.pending("*"), count=1000)
+        }
