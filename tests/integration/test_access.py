@@ -319,7 +319,7 @@ async def test_pairing_end_to_end_through_the_cli_across_a_restart_and_two_insta
     assert rc == 1 and bad is None
     rc, ok = await _cli(cfg1, capsys, "pairing", "approve", code.lower())
     assert rc == 0 and ok == {"approved": "eve", "inbound": "pair"}
-    rc, again = await _cli(cfg1, capsys, "pairing", "approve", code)
+    rc, _ = await _cli(cfg1, capsys, "pairing", "approve", code)
     assert rc == 1  # one-time
     # from the next message on, eve passes — through either instance
     later = [await send(d, "pair", "dm-eve", f"now {i}", sender="eve") for i, d in enumerate((d1, d2))]
