@@ -152,7 +152,10 @@ class Commands:
     def _targets(self, env: Envelope) -> list[tuple[Delivery, SessionControl]]:
         # the routes a plain message of this conversation takes (a text pattern may want the text)
         out = []
-        for d in self.plan(msgspec.structs.replace(env, text="")) or self.plan(env):
+        probe, same = msgspec.structs.replace(env, text=""), msgspec.structs.replace(env)
+        self.stamp(probe)  # on the session its next message would go to
+        self.stamp(same)
+        for d in self.plan(probe) or self.plan(same):
             sink = self.sinks.get(d.sink)
             if sink is not None:
                 out.append((d, sink))
