@@ -39,7 +39,8 @@ from bridge.adapter import SendContext, Sink
 from bridge.bus import RUNNER_GROUP, UNAVAILABLE, Bus, Entry, Field
 from bridge.config import OutboundConfig, Rate, parse_rates
 from bridge.envelope import Delivery, decode_delivery, encode
-from bridge.errors import PermanentError, RetryableError
+from bridge.errors import NoWayBack, PermanentError, RetryableError
+from bridge.fallback import fallback_delivery
 from bridge.ratelimit import Limit, Limiter
 from bridge.router import reply_envelope
 from bridge.scripts import OK, UNCLAIMED, Ack, Claim, ClaimStatus, Owner, Scripts
@@ -503,6 +504,8 @@ class Runner:
             try:
                 remote_id = await self.sink.send(d, SendContext(d, self, budget=self.cfg.claim_idle / 2))
             except PermanentError as e:
+                if isinstance(e, NoWayBack) and await self._fallback(eid, d, e):
+                    return
                 await self._dead(eid, d, f"permanent: {e}", attempt, self._log(job))
                 return
             except (RetryableError, *UNAVAILABLE, TimeoutError) as e:
@@ -543,6 +546,23 @@ class Runner:
             if end - time.monotonic() > 0:
                 with contextlib.suppress(*UNAVAILABLE):
                     await self._claim(d, None)
+
+    async def _fallback(self, eid: str, d: Delivery, e: NoWayBack) -> bool:
+        """Hand an answer this sink cannot carry back to its ``fallback`` (bridge/fallback.py)."""
+        fd = fallback_delivery(self.cfg, d, e)
+        if fd is None:
+            return False
+        while True:
+            try:
+                await self.bus.add_deliveries([fd])
+                break
+            except UNAVAILABLE:
+                await asyncio.sleep(1.0)
+        self.log.warning(
+            "delivery.fallback", delivery=d.id, fallback=fd.sink, conversation=fd.conversation, reason=str(e)
+        )
+        self.acks.add(Ack(eid, self.keys.mark(self.cfg.name, d.id), f"done:fallback:{fd.id}"))
+        return True
 
     async def _dead(self, eid: str, d: Delivery, reason: str, attempts: int, log: Any) -> None:
         self.dead += 1
