@@ -283,6 +283,9 @@ def _where(prefix: str, msg: str) -> str:
     m = re.search(r"^(.*) - at `\$(.*)`$", msg)
     if m:
         key = (prefix + m.group(2)).lstrip(".")
+        unknown = re.fullmatch(r"Object contains unknown field `([^`]+)`", m.group(1))
+        if unknown:
+            return f"{key}.{unknown.group(1)}: unknown key"
         return f"{key}: {m.group(1)}"
     m = re.search(r"unknown field `([^`]+)`", msg)
     if m:
