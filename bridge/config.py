@@ -178,6 +178,8 @@ class InboundConfig(msgspec.Struct, kw_only=True):
     type: str
     reply_via: str | None = None
     access: AccessConfig = msgspec.field(default_factory=AccessConfig)
+    #: seconds: one sender's messages in one conversation this close together are one turn (0: off)
+    merge_window: float = 0.0
     #: adapter-specific keys, validated by the adapter's Options model
     options: dict[str, Any] = {}
 
@@ -339,7 +341,7 @@ def _resolve_table(table: dict[str, Any], where: str, file: Path, env: dict[str,
     return out
 
 
-_INBOUND_CORE = {"name", "type", "reply_via", "access"}
+_INBOUND_CORE = {"name", "type", "reply_via", "access", "merge_window"}
 _OUTBOUND_CORE = set(OutboundConfig.__struct_fields__) - {"options"}
 
 
@@ -451,6 +453,8 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
 
 
 def _check_access(i: InboundConfig, file: Path) -> None:
+    if not 0 <= i.merge_window <= 60:
+        raise ConfigError(f"{file}: inbound.{i.name}.merge_window: seconds from 0 (off) to 60")
     a, where = i.access, f"inbound.{i.name}.access"
     try:
         parse_rates(a.refusal_rate)
