@@ -80,9 +80,7 @@ async def test_a_daemon_killed_mid_window_loses_nothing(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     # first life: the real daemon in its own process (its agent is a log sink), SIGKILLed mid-window
-    cfg = write_config(
-        CONFIG.format(window=6).replace('type = "collect"', 'type = "log"'), name="first.toml"
-    )
+    cfg = write_config(CONFIG.format(window=6).replace('type = "collect"', 'type = "log"'), name="first.toml")
     log = (tmp_path / "first.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge", "--config", str(cfg.path), "run"],
