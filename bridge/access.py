@@ -11,8 +11,8 @@ mentions it), the optional ``refusal_reply`` goes back through the inbound's ``r
 unknown sender gets a one-time code instead (:mod:`bridge.pairing`).
 
 A message that passes and whose text is a session command is answered by :mod:`bridge.commands` and
-not routed either. Replies (envelopes of kind ``reply``) and events pass untouched: the gate looks
-only at people's messages coming in through an inbound.
+not routed either. Events (a follow, a menu click) are judged by the same policy but never answered
+(no refusal, no pairing code). Replies (envelopes of kind ``reply``) pass untouched.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Gate:
         self.codes_sent = 0
 
     def gated(self, env: Envelope) -> bool:
-        return env.kind == "message" and env.source in self._gated
+        return env.kind in ("message", "event") and env.source in self._gated
 
     async def prepare(self, envs: Sequence[Envelope]) -> None:
         """Once per batch, before :meth:`admit`: stamp the session generation (one Redis call)."""
@@ -122,10 +122,15 @@ class Gate:
         if decision is Decision.PAIRING and env.sender is not None:
             if await self.pairing.is_paired(env.source, env.sender.id):
                 decision = Decision.ALLOW
+            elif env.kind == "event":  # an unknown sender's event (a follow, a menu click): silent
+                decision = Decision.REFUSE_DM_NOT_ALLOWED
             else:
                 return await self._pair(env, a)
         if decision.refused:
             return await self._refuse(env, a, decision)
+        if env.kind == "event":
+            self.commands.stamp(env)
+            return None
         answers = await self.commands.handle(env, admin=env.sender is not None and env.sender.id in a.admins)
         if answers is None:
             self.commands.stamp(env)
@@ -138,7 +143,9 @@ class Gate:
             kind=env.conversation.kind, sender=env.sender.id if env.sender else None,
             reason=decision.value[7:],
         )  # fmt: skip
-        if not a.refusal_reply or not addressed(env) or not await self._may_answer(env):
+        if env.kind != "message" or not a.refusal_reply or not addressed(env):
+            return []
+        if not await self._may_answer(env):
             return []
         d = self.answer(env, a.refusal_reply, "refusal")
         return [d] if d else []

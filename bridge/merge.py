@@ -78,7 +78,8 @@ class Merger:
     def _joins(self, burst: _Burst, env: Envelope) -> bool:
         sender = env.sender.id if env.sender else None
         return (
-            sender == burst.sender
+            env.kind == "message"
+            and sender == burst.sender
             and env.received_at - burst.last < self.windows[env.source]
             and command_word(env.text) is None
         )

@@ -207,7 +207,7 @@ class Router:
         await self.gate.prepare([env for _, env in envs])
         for eid, env in envs:
             merging = self.merger.merges(env)
-            if merging:  # a burst of this conversation that env does not join goes first
+            if env.source in self.merger.windows:  # a held burst env does not join goes first
                 for held, merged in self.merger.before(env):
                     ids += held
                     out += plan(self.config, merged, self._sinks)

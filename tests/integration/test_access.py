@@ -344,3 +344,19 @@ async def _cli(cfg: Config, capsys: pytest.CaptureFixture[str], *argv: str) -> t
         return run_cli(cfg, *argv, capsys=capsys)
 
     return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+async def test_events_follow_the_policy_silently(bridge: tuple[Daemon, Config]) -> None:
+    d, _ = bridge
+    assert d.bus is not None
+    ids = []
+    for src, sender in (("allow", "bob"), ("allow", "alice"), ("pair", "stranger")):
+        env = make_envelope(src, Conversation(f"dm-{sender}", "direct"), "", kind="event", event="subscribe",
+                            sender=Sender(sender))  # fmt: skip
+        assert await d.bus.publish(env)
+        ids.append(env.id)
+    await settle(d)
+    assert d.router is not None and d.router.gate.refused == 2
+    assert back() == []  # an event is never answered: no refusal, no pairing code
+    assert d.bus is not None and d.redis is not None
+    assert await d.redis.hlen(d.router.gate.pairing.keys.pending("pair")) == 0
