@@ -181,6 +181,9 @@ class SendContext:
 class Sink(Adapter):
     #: the sink's default rate when the config gives none, e.g. "20/minute"
     default_rate: ClassVar[str | None] = None
+    #: the sink keys agent sessions by ``envelope.meta["session_gen"]`` (``/new``): the router stamps
+    #: it on the messages routed to such a sink (one Redis read per batch), and on no others
+    keeps_sessions: ClassVar[bool] = False
 
     def recipient_limits(self, delivery: Delivery) -> Sequence[tuple[str, Sequence[Rate]]]:
         """Per-recipient quotas for this delivery: (recipient key, rates) pairs."""

@@ -9,10 +9,11 @@ and ``mentions_only`` drops it). The answer goes back through the inbound's ``re
 
 ``/new`` moves the conversation to a new session generation, a counter in Redis
 (``P:{session}:<inbound>:<conversation>``). The router stamps the current generation on every
-message it routes (``meta["session_gen"]``, one MGET per batch, in order: a message routed before
-``/new`` stays on the old session); a sink that keeps agent sessions (OpenClaw) makes it part of
-the session key, so the next turn starts afresh. ``/status`` and ``/stop`` ask the sinks the message
-would reach, through the optional :class:`SessionControl` methods of :class:`bridge.adapter.Sink`.
+message it routes to a sink that keeps sessions (``Sink.keeps_sessions``; ``meta["session_gen"]``,
+one MGET per batch, in order: a message routed before ``/new`` stays on the old session); the sink
+(OpenClaw) makes it part of the session key, so the next turn starts afresh. ``/status`` and
+``/stop`` ask the sinks the message would reach, through the optional :class:`SessionControl`
+methods of :class:`bridge.adapter.Sink`.
 """
 
 from __future__ import annotations
@@ -81,7 +82,13 @@ class Commands:
                 spec: CommandSpec = getattr(c, key)
                 if spec.enabled:
                     self.by_name.update({n.lower(): (key, spec) for n in spec.names})
-        self._stamp = c.enabled and c.new.enabled
+        #: sources routed to a sink that keeps agent sessions: their messages carry the generation
+        self._stamped = {
+            src
+            for r in config.routes
+            if any(getattr(sinks.get(t.sink), "keeps_sessions", False) for t in r.to)
+            for src in r.sources
+        } if c.enabled and c.new.enabled else set()  # fmt: skip
         self._needs_mention = {
             src for r in config.routes if r.match.mentions_only for src in r.sources
         }  # fmt: skip
@@ -95,16 +102,16 @@ class Commands:
     async def load(self, envs: Sequence[Envelope]) -> None:
         """Read the generations of a batch's conversations (one MGET), for :meth:`stamp`."""
         self._gens = {}
-        if not self._stamp or not envs:
+        keys = list(dict.fromkeys(self.gen_key(e) for e in envs if e.source in self._stamped))
+        if not keys:
             return
-        keys = list(dict.fromkeys(self.gen_key(e) for e in envs))
         values = await self.bus.redis.mget(keys)
         self._gens = {k: int(v) for k, v in zip(keys, values, strict=True) if v is not None}
 
     def stamp(self, env: Envelope) -> None:
         """Write the conversation's generation on a message about to be routed (in batch order, so a
         ``/new`` earlier in the batch counts)."""
-        if not self._stamp:
+        if env.source not in self._stamped:
             return
         gen = self._gens.get(self.gen_key(env), 0)
         if gen:
@@ -173,7 +180,7 @@ class Commands:
         return 0
 
     async def _status(self, env: Envelope) -> str:
-        gen = self._gens.get(self.gen_key(env), 0)
+        gen = int(await self.bus.redis.get(self.gen_key(env)) or 0)
         lines = [f"Conversation {env.conversation.id} ({env.conversation.kind}), session #{gen}."]
         targets = self._targets(env)
         if not targets:

@@ -186,6 +186,7 @@ class OpenClawSink(Sink):
     Options = OpenClawOptions
     options: OpenClawOptions
     default_rate = None
+    keeps_sessions = True
 
     def __init__(self, name: str, options: OpenClawOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)

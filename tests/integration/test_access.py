@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bridge import cli
+from bridge.adapter import Registry
 from bridge.commands import SESSION_GEN
 from bridge.config import Config
 from bridge.daemon import Daemon
@@ -24,7 +25,7 @@ from tests.conftest import CollectSink, wait_for
 CONFIG = """
 [[outbound]]
 name = "agent"
-type = "collect"
+type = "session_collect"
 [[outbound]]
 name = "back"
 type = "collect"
@@ -89,6 +90,18 @@ match = {mentions_only = true}
 """
 
 Send = Callable[..., Awaitable[str]]
+
+
+class SessionCollect(CollectSink):
+    """A collect sink that keeps agent sessions (so the router stamps ``session_gen`` for it)."""
+
+    keeps_sessions = True
+
+
+@pytest.fixture
+def registry(registry: Registry) -> Registry:
+    registry.sinks["session_collect"] = SessionCollect
+    return registry
 
 
 @pytest.fixture
