@@ -25,6 +25,7 @@ from bridge import logging as blog
 from bridge import transport
 from bridge.bus import Bus
 from bridge.config import Config, Rate, convert
+from bridge.egress import Egress
 from bridge.envelope import Delivery, Envelope
 from bridge.errors import ConfigError
 
@@ -53,6 +54,8 @@ class Context:
     instance: str
     data_dir: Path
     http: Callable[[], aiohttp.ClientSession]
+    #: the one check for URLs a payload names (response_url, attachments): bridge/egress.py
+    egress: Egress = field(default_factory=Egress)
     log: Any = field(default_factory=lambda: blog.get("adapter"))
 
     async def publish(

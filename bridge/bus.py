@@ -222,9 +222,9 @@ class Bus:
         when none is on the wire; publishes made while one is on the wire go together in the next
         call (one round trip for all of them, in order), so under load a callback costs a fraction
         of a round trip and alone it costs one. Publishes following each other closely wait until
-        :data:`PUBLISH_LINGER` after the previous call went out, to go together: a steady 2,000
-        callbacks a second then cost a fifth of a round trip each instead of one, for ≤ 1 ms more
-        latency (bench/RESULTS.md); an occasional publish goes out at once.
+        :data:`PUBLISH_LINGER` after the previous call went out, to go together: under a steady
+        stream of callbacks each then costs a fraction of a round trip, for at most the linger in
+        added latency (measured in bench/RESULTS.md); an occasional publish goes out at once.
         """
         ttl = self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl
         marker = self.keys.seen(env.source, dedupe_key) if dedupe_key else self.keys.inbound

@@ -20,10 +20,11 @@ import msgspec
 from bridge import logging as blog
 from bridge.adapter import Registry
 from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Field, Keys, connect
-from bridge.config import Config, load, masked
+from bridge.config import Config, load
 from bridge.embedded_redis import client_url
 from bridge.envelope import Conversation, Sender, decode_delivery, make_envelope
 from bridge.errors import ConfigError, EmbeddedRedisError
+from bridge.redact import masked
 
 #: a sub-command contributed by the adapters: (configure its parser, run it)
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Config], int]]

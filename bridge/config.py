@@ -7,6 +7,7 @@ reads ``<key>`` from a file (systemd's LoadCredential puts secrets in ``$CREDENT
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from bridge import egress
 from bridge.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -117,6 +119,22 @@ class RedisSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
     max_body: int = 1_048_576
+    #: host:port for /readyz and /metrics (then not served on ``listen``); empty: both on ``listen``
+    admin_listen: str = ""
+    #: seconds a connection may take to send a request's headers (and to start one after another)
+    header_timeout: float = 10.0
+    #: seconds a request may take to send its body once its headers are in
+    body_timeout: float = 10.0
+    #: seconds an idle keep-alive connection is kept
+    keepalive_timeout: float = 5.0
+    #: connections open at once per listener; more are closed as they arrive (and counted)
+    max_connections: int = 512
+    #: hosts the daemon fetches from or posts to on a payload's say-so (response_url, attachment
+    #: URLs): exact names, or ``.example.com`` for a domain and its subdomains
+    fetch_hosts: list[str] = msgspec.field(default_factory=lambda: list(egress.DEFAULT_HOSTS))
+    #: private, loopback or link-local networks (CIDR) such fetches may still reach (default none);
+    #: both keys are bridge/egress.py's
+    fetch_private: list[str] = []
 
 
 DmPolicy = Literal["open", "allowlist", "pairing", "disabled"]
@@ -249,6 +267,13 @@ class Config:
     @property
     def listen(self) -> tuple[str, int]:
         host, _, port = self.http.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def admin_listen(self) -> tuple[str, int] | None:
+        if not self.http.admin_listen:
+            return None
+        host, _, port = self.http.admin_listen.rpartition(":")
         return host.strip("[]"), int(port)
 
     def inbound_by_name(self, name: str) -> InboundConfig | None:
@@ -397,6 +422,20 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
     host, sep, port = http.listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{file}: http.listen: expected host:port, got {http.listen!r}")
+    if http.admin_listen:
+        host, sep, port = http.admin_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"{file}: http.admin_listen: expected host:port, got {http.admin_listen!r}")
+    for key in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        if not 0 < getattr(http, key) <= 3600:
+            raise ConfigError(f"{file}: http.{key}: must be between 0 and 3600 seconds")
+    if not 1 <= http.max_connections <= 1_000_000:
+        raise ConfigError(f"{file}: http.max_connections: must be at least 1")
+    for net in http.fetch_private:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"{file}: http.fetch_private: {net!r} is not a network (CIDR)") from None
 
     inbound: list[InboundConfig] = []
     for where, item in _entries(raw, "inbound", file):
@@ -550,21 +589,3 @@ def _route(
     if not isinstance(reply, bool):
         raise ConfigError(f"{file}: {where}.reply: expected true or false")
     return RouteConfig(name=str(name), sources=sources, to=targets, match=match, reply=reply, pattern=pattern)
-
-
-SECRET_KEYS = re.compile(r"(token|secret|password|passwd|aes_key|api_key|apikey|^key$|credential)", re.I)
-
-
-def masked(value: Any, key: str = "") -> Any:
-    """A copy of a config value fit to print: secrets shown as ``***``."""
-    if isinstance(value, Secret):
-        return "***"
-    if isinstance(value, dict):
-        return {k: masked(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v, key) for v in value]
-    if key and SECRET_KEYS.search(key) and isinstance(value, str) and value:
-        return "***"
-    if isinstance(value, str) and "://" in value and "@" in value:
-        return re.sub(r"://[^@/]*@", "://***@", value)
-    return value

@@ -9,6 +9,7 @@ import gc
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,12 +21,15 @@ from bridge import logging as blog
 from bridge.access import Gate
 from bridge.adapter import Context, Registry, Sink, Source
 from bridge.bus import UNAVAILABLE, Bus, Keys, connect
-from bridge.config import Config
+from bridge.config import Config, load
+from bridge.egress import Egress
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
+from bridge.files import private_dir
+from bridge.listener import Listener, install_accept_guard
 from bridge.router import Router, plan
 from bridge.runner import Runner
-from bridge.web import Counters, build_app
+from bridge.web import Counters, build_admin_app, build_app
 
 log = blog.get("daemon")
 
@@ -71,14 +75,6 @@ def sd_notify(message: str) -> bool:
     except OSError as e:
         log.warning("sd_notify.failed", error=str(e))
         return False
-
-
-def _bound_port(runner: web.AppRunner, configured: int) -> int:
-    """The port the server listens on (``configured`` may be 0: any free port)."""
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return configured
 
 
 async def _unfreeze_gc() -> None:
@@ -213,7 +209,9 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.http_session: aiohttp.ClientSession | None = None
         self.app_runner: web.AppRunner | None = None
-        self.site: web.TCPSite | None = None
+        self.listeners: dict[str, Listener] = {}
+        #: bound ports by listener name (``public``, ``admin``)
+        self.ports: dict[str, int] = {}
         self.port: int | None = None
         self._options: dict[str, Any] = {}
         self._stop_requested = asyncio.Event()
@@ -242,7 +240,7 @@ class Daemon:
 
     async def _make_data_dir(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.data_dir)  # 0700, its files 0600 (bridge/files.py)
         log.info("daemon.starting", instance=self.instance, config=str(cfg.path), data_dir=str(cfg.data_dir))
 
     async def _connect_redis(self) -> None:
@@ -280,6 +278,7 @@ class Daemon:
             instance=self.instance,
             data_dir=cfg.data_dir,
             http=self._http,
+            egress=Egress(cfg.http.fetch_hosts, cfg.http.fetch_private),
         )
         for i in cfg.inbound:
             scls = self.registry.source(i.type, f"inbound.{i.name}", cfg.path)
@@ -314,19 +313,44 @@ class Daemon:
                 self.supervisor.spawn(f"source:{name}", src.run)
 
     async def _serve_http(self) -> None:
+        http = self.config.http
+        admin_at = self.config.admin_listen
         app = build_app(
             self,
-            max_body=self.config.http.max_body,
+            max_body=http.max_body,
             routes=[(name, src.routes()) for name, src in self.sources.items()],
+            admin=admin_at is None,
+            body_timeout=http.body_timeout,
         )
-        self.app_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.app_runner.setup()
-        self.lifecycle.on_stop("http_server", self.app_runner.cleanup)
-        host, port = self.config.listen
-        self.site = web.TCPSite(self.app_runner, host, port, reuse_address=True)
-        await self.site.start()
-        self.lifecycle.on_stop("stop_accepting", self.site.stop)
-        self.port = _bound_port(self.app_runner, port)
+        undo_accept_guard = install_accept_guard(asyncio.get_running_loop())
+
+        async def restore_handler() -> None:
+            undo_accept_guard()
+
+        self.lifecycle.on_stop("accept_guard", restore_handler)
+        self.app_runner = await self._listen(app, "public", self.config.listen)
+        if admin_at is not None:
+            await self._listen(build_admin_app(self), "admin", admin_at)
+
+    async def _listen(self, app: web.Application, name: str, where: tuple[str, int]) -> web.AppRunner:
+        """Serve ``app`` on ``where`` through a guarded :class:`Listener` (bridge/listener.py)."""
+        http = self.config.http
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=http.keepalive_timeout
+        )
+        await runner.setup()
+        suffix = "" if name == "public" else f":{name}"
+        self.lifecycle.on_stop(f"http_server{suffix}", runner.cleanup)
+        listener = Listener(
+            runner, name, header_timeout=http.header_timeout, max_connections=http.max_connections
+        )
+        port = await listener.start(*where)
+        self.lifecycle.on_stop(f"stop_accepting{suffix}", listener.stop)
+        self.listeners[name] = listener
+        self.ports[name] = port
+        if name == "public":
+            self.port = port
+        return runner
 
     async def _start_watchdog(self) -> None:
         wd = os.environ.get("WATCHDOG_USEC")
@@ -431,14 +455,30 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def reload(self) -> bool:
+        """SIGHUP (``systemctl reload``): the daemon keeps running and checks the config file again,
+        logging whether it is valid (``daemon.reload_checked``); changes take effect on a restart. It
+        never stops the service. Returns whether the file is valid."""
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            load(self.config.path)
+        except ConfigError as e:
+            log.error("daemon.reload_checked", valid=False, error=str(e))
+            return False
+        finally:
+            sd_notify("READY=1\nSTATUS=running")
+        log.info("daemon.reload_checked", valid=True, note="changes take effect on restart")
+        return True
+
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
             await self._stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 
 from bridge import logging as blog
 from bridge.errors import EmbeddedRedisError
+from bridge.files import private_dir
 
 SOCKET_NAME = "redis.sock"
 log = blog.get("embedded_redis")
@@ -33,7 +35,9 @@ def server_binary() -> str:
     return path
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def _child_setup() -> None:  # pragma: no cover - runs in the child
+    """Files Redis writes are its owner's alone (umask 077: the AOF holds messages); it dies with us."""
+    os.umask(0o077)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -52,7 +56,7 @@ class EmbeddedRedis:
         return f"unix://{self.sock}"
 
     async def start(self, timeout: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         if len(str(self.sock)) > 100:
             raise EmbeddedRedisError(
                 f"bridge.data_dir: the socket path {self.sock} is too long for a unix socket (max ~100)"
@@ -81,7 +85,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup,
             cwd=self.data_dir,
             # its own session: a Ctrl-C in the terminal reaches the daemon, which drains, then stops Redis
             start_new_session=True,

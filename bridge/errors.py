@@ -13,9 +13,11 @@ The tree::
         ├── RetryableError     worth another try later (5xx, 429, a dropped connection); may
         │                      carry the platform's ``retry_after``
         └── PermanentError     retrying cannot help (4xx, a rejected token): dead-lettered now
-            └── NoWayBack      this sink cannot carry this answer back the way it came (a closed
-                               window, too long): relayed through the outbound's ``fallback``
-                               when it has one (bridge/fallback.py), else dead-lettered
+            ├── NoWayBack      this sink cannot carry this answer back the way it came (a closed
+            │                  window, too long): relayed through the outbound's ``fallback``
+            │                  when it has one (bridge/fallback.py), else dead-lettered
+            └── EgressRefused  a URL from a payload that bridge/egress.py refuses (not an
+                               allowed host, or an internal address)
 
 Adapters define their own exceptions next to the code that raises them; the ones a sink lets
 escape to the runner derive from :class:`RetryableError` or :class:`PermanentError`, because the
@@ -63,3 +65,7 @@ class NoWayBack(PermanentError):
     def __init__(self, message: str, text: str | None = None) -> None:
         super().__init__(message)
         self.text = text
+
+
+class EgressRefused(PermanentError):
+    """A URL the allow-list or the address check of bridge/egress.py refuses."""

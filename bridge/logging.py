@@ -26,15 +26,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from bridge.config import SECRET_KEYS, Secret
-
-_URL_CRED = re.compile(r"(://)[^/@\s]*@")
-_QUERY_SECRET = re.compile(r"((?:access_token|key|corpsecret|secret|token)=)[^&\s\"']+", re.IGNORECASE)
-
-
-def scrub(text: str) -> str:
-    """Remove credentials that ride in URLs (``user:pass@``, ``?access_token=``, ``?key=``)."""
-    return _QUERY_SECRET.sub(r"\1***", _URL_CRED.sub(r"\1***@", text))
+from bridge.config import Secret
+from bridge.redact import SECRET_KEYS, scrub
 
 
 @functools.lru_cache(maxsize=4096)
@@ -50,12 +43,46 @@ def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[st
             if v is not None and v != "":
                 changes[k] = "***"
         elif type(v) is str:
-            if "://" in v or "=" in v:
+            if "://" in v or "=" in v or ":" in v:
                 changes[k] = scrub(v)
         elif isinstance(v, Secret):
             changes[k] = "***"
         elif isinstance(v, bytes | bytearray):
             changes[k] = repr(v)
+    if changes:
+        event.update(changes)
+    return event
+
+
+#: what a log line must not carry raw: C0 controls (newline and tab included: a value must not start
+#: a new line), DEL, C1 controls (U+0085 among them), U+2028 and U+2029
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character and line separator written as ``\\xNN`` /
+    ``\\uNNNN``: an attacker's string cannot move the operator's cursor, ring their terminal, change
+    its title (OSC) or start a forged line — in the console format or the JSON one."""
+    return _CONTROLS.sub(_escape_char, text) if _CONTROLS.search(text) is not None else text
+
+
+_TRACEBACK_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Every string value through :func:`escape` (a traceback keeps its newlines and tabs)."""
+    changes: dict[str, str] = {}
+    for k, v in event.items():
+        if type(v) is str and _CONTROLS.search(v) is not None:
+            if k == "exception":
+                changes[k] = _TRACEBACK_CONTROLS.sub(_escape_char, v)
+            else:
+                changes[k] = _CONTROLS.sub(_escape_char, v)
     if changes:
         event.update(changes)
     return event
@@ -177,6 +204,7 @@ def processors(fmt: str, *, plain: bool = False) -> list[Any]:
             structlog.processors.TimeStamper(fmt=TIMESTAMP_FORMAT, utc=True),
             _mask,
             structlog.processors.format_exc_info,
+            _escape,
             structlog.dev.ConsoleRenderer(colors=False)
             if fmt == "console"
             else structlog.processors.JSONRenderer(),
@@ -186,6 +214,7 @@ def processors(fmt: str, *, plain: bool = False) -> list[Any]:
         _stamp,
         _mask,
         _exc_info,
+        _escape,
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"
         else structlog.processors.JSONRenderer(serializer=_dumps),
@@ -209,6 +238,56 @@ def setup(level: str = "info", fmt: str = "auto", *, plain: bool | None = None) 
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(_level)
+
+
+class _FromStdlib(logging.Handler):
+    """The standard library's log records (aiohttp's, asyncio's, any library's) as structlog lines:
+    event ``log.stdlib`` with ``logger_name`` and ``message``, in the configured format, masked and
+    escaped like every other line. The same record (logger and message template) is written at most
+    once per :data:`STDLIB_INTERVAL` seconds; the next line says how many were ``suppressed``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            key = (record.name, str(record.msg))
+            now = time.monotonic()
+            last, suppressed = self._last.get(key, (-math.inf, 0))
+            if now - last < STDLIB_INTERVAL:
+                if len(self._last) < 4096 or key in self._last:
+                    self._last[key] = (last, suppressed + 1)
+                return
+            self._last[key] = (now, 0)
+            fields: dict[str, Any] = {"message": record.getMessage()}
+            if suppressed:
+                fields["suppressed"] = suppressed
+            if record.exc_info and record.exc_info[0] is not None:
+                fields["exc_info"] = record.exc_info
+            method = record.levelname.lower()
+            target = structlog.get_logger(logger_name=record.name)
+            getattr(
+                target, method if method in ("debug", "info", "warning", "error", "critical") else "info"
+            )("log.stdlib", **fields)
+        except Exception:  # a log line must never break the caller
+            self.handleError(record)
+
+
+#: seconds between two lines of the same standard-library record
+STDLIB_INTERVAL = 10.0
+_STDLIB = _FromStdlib()
+
+
+def _route_stdlib(level: int) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h is not _STDLIB:
+            root.removeHandler(h)
+    if _STDLIB not in root.handlers:
+        root.addHandler(_STDLIB)
+    root.setLevel(max(level, logging.INFO))  # aiohttp's debug chatter stays out unless asked
 
 
 def get(name: str, **ctx: Any) -> Any:

@@ -1,4 +1,9 @@
-"""The daemon's one aiohttp app: /healthz, /readyz, /metrics and the inbound adapters' routes.
+"""The daemon's aiohttp apps: /healthz, /readyz, /metrics and the inbound adapters' routes.
+
+With ``[http] admin_listen`` set, /readyz and /metrics move to a second app on that (private) address
+(:func:`build_admin_app`) and the public one keeps /healthz and the inbound routes. Every answer says
+``Server: wechat-bridge`` (no Python or aiohttp version); /healthz names no host; what /readyz says
+goes through :func:`bridge.redact.scrub` (a URL with a password in it is shown without it).
 
 The app sees the daemon only through :class:`Status`, the little it needs to answer those three
 endpoints, so this module does not import the daemon (and the daemon imports it without a cycle).
@@ -13,9 +18,13 @@ from typing import Protocol
 from aiohttp import web
 
 from bridge import logging as blog
+from bridge import refusals
 from bridge.adapter import Handler, HttpRoute
 from bridge.bus import UNAVAILABLE
 from bridge.errors import BusUnavailable
+from bridge.limits import BODY_TIMEOUT_KEY
+from bridge.listener import request_in_progress
+from bridge.redact import scrub
 
 log = blog.get("web")
 
@@ -82,31 +91,67 @@ def render_metrics(c: Counters) -> str:
         lines.append(f'wechat_bridge_dead_total{{sink="{name}"}} {c.dead.get(name, 0)}')
     for name, n in c.task_crashes.items():
         lines.append(f'wechat_bridge_task_crashes_total{{task="{name}"}} {n}')
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + refusals.render()
 
 
-def build_app(
-    status: Status, *, max_body: int, routes: Iterable[tuple[str, Sequence[HttpRoute]]] = ()
-) -> web.Application:
-    """The app: the three status endpoints and each inbound's routes (``routes``: by inbound name).
+#: what every answer says in its ``Server`` header (aiohttp's default names Python's and its version)
+SERVER = "wechat-bridge"
 
-    Two inbounds claiming the same method and path is a configuration error naming both."""
-    app = web.Application(client_max_size=max_body)
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "alive", "instance": status.instance})
+async def _server_header(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER
 
+
+def _app(max_body: int, body_timeout: float | None) -> web.Application:
+    app = web.Application(client_max_size=max_body, middlewares=[request_in_progress])
+    app.on_response_prepare.append(_server_header)
+    if body_timeout is not None:
+        app[BODY_TIMEOUT_KEY] = body_timeout
+    return app
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+def _add_admin_routes(app: web.Application, status: Status) -> None:
     async def readyz(_: web.Request) -> web.Response:
-        problems = await status.readiness()
+        problems = {k: scrub(v) for k, v in (await status.readiness()).items()}
         body = {"ready": not problems, "instance": status.instance, "not_ready": problems}
         return web.json_response(body, status=200 if not problems else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text=render_metrics(status.counters()), content_type="text/plain")
 
-    app.router.add_get("/healthz", guarded(healthz))
     app.router.add_get("/readyz", guarded(readyz))
     app.router.add_get("/metrics", guarded(metrics))
+
+
+def build_admin_app(status: Status) -> web.Application:
+    """The private app for ``[http] admin_listen``: /healthz, /readyz and /metrics."""
+    app = _app(4096, None)
+    app.router.add_get("/healthz", guarded(_healthz))
+    _add_admin_routes(app, status)
+    return app
+
+
+def build_app(
+    status: Status,
+    *,
+    max_body: int,
+    routes: Iterable[tuple[str, Sequence[HttpRoute]]] = (),
+    admin: bool = True,
+    body_timeout: float | None = None,
+) -> web.Application:
+    """The app: /healthz, each inbound's routes (``routes``: by inbound name) and, with ``admin``
+    (no separate admin listener), /readyz and /metrics; ``body_timeout``: the body read deadline of
+    its inbounds (:func:`bridge.limits.read_capped`).
+
+    Two inbounds claiming the same method and path is a configuration error naming both."""
+    app = _app(max_body, body_timeout)
+    app.router.add_get("/healthz", guarded(_healthz))
+    if admin:
+        _add_admin_routes(app, status)
     taken: dict[tuple[str, str], str] = {}
     for name, declared in routes:
         for route in declared:

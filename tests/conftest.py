@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge import logging as blog
+from bridge import refusals
 from bridge.adapter import Registry, SendContext, Sink
 from bridge.config import Config, load
 from bridge.daemon import Daemon
@@ -33,6 +34,12 @@ blog.setup("debug", "console")
 @pytest.fixture
 def redis_url() -> str:
     return REDIS_URL
+
+
+@pytest.fixture(autouse=True)
+def _fresh_refusal_counts() -> None:
+    """Each test starts with no refusal counted or logged (bridge/refusals.py keeps them per process)."""
+    refusals.reset()
 
 
 @pytest.fixture

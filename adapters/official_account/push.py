@@ -4,7 +4,9 @@
   (sha1 of sorted token/timestamp/nonce), then ``echostr`` verbatim. It is never encrypted.
 * POST, plaintext mode (no ``encrypt_type`` or ``encrypt_type=raw``): ``signature`` checked, body
   parsed as the message. That signature does not cover the body, which is why a configured
-  ``encoding_aes_key`` refuses plaintext pushes (a downgrade) unless ``allow_plaintext = true``.
+  ``encoding_aes_key`` refuses plaintext pushes (a downgrade) unless ``allow_plaintext = true``, and
+  why one signed query may carry one body only: the body's hash is remembered under the query's
+  timestamp and nonce for the tolerance window, and another body with that query is refused (403).
 * POST, compatible or safe mode (``encrypt_type=aes``): ``msg_signature`` checked over the body's
   ``<Encrypt>`` (not ``signature``, as the doc says), decrypted with receive id = ``app_id``; in
   compatible mode the body's plain copy of the fields is ignored, only the decrypted copy counts.
@@ -24,11 +26,12 @@ Config::
     # allow_plaintext = false            # accept plaintext pushes although a key is set
     # timestamp_tolerance = 300          # seconds, 0 = off
     # dedupe_ttl = 86400
-    # max_body = 65536
+    # max_body = 32768
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from aiohttp import web
@@ -37,9 +40,11 @@ from adapters.wechat.callback import (
     InboundOptions,
     WeChatInbound,
     check_aes_key,
+    parse_signed_outer,
     read_body,
     require_fields,
     required,
+    scan_encrypt,
     xml_message,
 )
 from adapters.wechat.crypto import WXBizMsgCrypt, verify_plain_signature
@@ -85,6 +90,21 @@ class WeChatOASource(WeChatInbound):
         self.fresh(ts)
         verify_plain_signature(sig, self.options.token.reveal(), ts, nonce)
 
+    async def _one_body_per_nonce(self, timestamp: str, nonce: str, body: bytes) -> None:
+        """Plaintext mode signs the query, not the body: within the timestamp window, one signed
+        query carries one body. The body's hash is remembered under (timestamp, nonce) for twice the
+        tolerance; the same query with another body is refused (403), the same body again is a
+        platform retry (deduplicated downstream). With the tolerance off, a day."""
+        tol = self.options.timestamp_tolerance
+        key = self.ctx.state_key("wechat_oa", f"{self.name}:nonce:{timestamp}:{nonce}")
+        digest = hashlib.sha256(body).hexdigest()
+        redis = self.ctx.redis
+        if await redis.set(key, digest, nx=True, ex=2 * tol if tol else 86_400):
+            return
+        seen = await redis.get(key)
+        if seen is not None and seen.decode() != digest:
+            raise CallbackRefused(403, "nonce replayed with another body")
+
     async def verify_url(self, query: dict[str, str]) -> bytes:
         self._plain_signature(query)
         (echostr,) = required(query, "echostr", status=400)
@@ -98,18 +118,22 @@ class WeChatOASource(WeChatInbound):
             if self._crypt is not None and not self.options.allow_plaintext:
                 raise CallbackRefused(403, "plaintext push refused: encoding_aes_key is set")
             self._plain_signature(query)
-            msg = parse_xml(await read_body(request, self.options.max_body), "message")
+            body = await read_body(request, self.options.max_body)
+            self.fresh(query["timestamp"])  # again: the body may have taken a while
+            await self._one_body_per_nonce(query["timestamp"], query["nonce"], body)
+            msg = parse_xml(body, "message")
             meta = {"mode": "plaintext"}
         elif mode == "aes":
             if self._crypt is None:
                 raise CallbackRefused(400, "encrypted push but no encoding_aes_key is configured")
             sig, ts, nonce = required(query, "msg_signature", "timestamp", "nonce")
             self.fresh(ts)
-            outer = parse_xml(await read_body(request, self.options.max_body), "body")
-            encrypt = field(outer, "Encrypt")
-            if not encrypt:
-                raise CallbackRefused(400, "body has no Encrypt")
-            msg = parse_xml(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
+            body = await read_body(request, self.options.max_body)
+            self.fresh(ts)  # again: the body may have taken a while
+            encrypt = scan_encrypt(body)
+            self._crypt.verify_signature(sig, ts, nonce, encrypt)
+            outer = parse_signed_outer(body, encrypt)
+            msg = parse_xml(self._crypt.decrypt(encrypt), "message")
             meta = {"mode": "compatible" if field(outer, "MsgType") else "safe"}
         else:
             raise CallbackRefused(400, "unknown encrypt_type")

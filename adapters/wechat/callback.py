@@ -7,8 +7,10 @@
 Order of the checks on a POST, cheapest first, nothing decrypted before the signature is checked:
 
 1. query parameters present and well formed, timestamp fresh (403);
-2. body read up to ``max_body`` bytes (413);
-3. outer body parsed (400), signature checked in constant time (403);
+2. body read up to ``max_body`` bytes (413), against a read deadline (408), freshness checked again
+   once it is complete;
+3. the ``<Encrypt>`` element found by a bounded scan (:func:`scan_encrypt`, never a parse: 400),
+   signature checked in constant time (403); only a signed body is parsed;
 4. decrypted (400 on bad base64/padding/length/receive id), inner payload parsed (400; no DTD,
    no entities: see :func:`adapters.wechat.parsing.parse_xml`);
 5. published with its dedupe key in one Redis round trip; only then answered.
@@ -19,6 +21,7 @@ body) and the caller gets the status with that reason as text.
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -26,16 +29,19 @@ from typing import Any, ClassVar
 
 import msgspec
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from adapters.wechat.crypto import BadSignature, CryptoError, WXBizMsgCrypt, decode_aes_key
-from adapters.wechat.parsing import CallbackRefused, field, seconds
+from adapters.wechat.parsing import CallbackRefused, field, parse_xml, seconds
+from bridge import limits, refusals
 from bridge.adapter import HttpRoute, Source
 from bridge.config import Secret
 from bridge.envelope import Attachment, Conversation, Envelope, Sender, make_envelope, stable_id
 
-#: default cap on a callback body; real callbacks are a few KiB
-DEFAULT_MAX_BODY = 65_536
+#: default cap on a callback body. The largest thing WeChat sends is a text message (content up to
+#: 2,048 bytes) or an event with a card or an approval in it, a few KiB of XML; encrypted, that is
+#: 4/3 of it plus the envelope, well under 16 KiB. 32 KiB leaves twice that as headroom while a forged
+#: body costs at most half what the old 64 KiB allowed (refused by size before it is read).
+DEFAULT_MAX_BODY = 32_768
 #: default tolerance on the callback's timestamp, in seconds (0 = off). WeChat retries within about
 #: 15 s of the first try; five minutes also absorbs ordinary clock skew.
 DEFAULT_TIMESTAMP_TOLERANCE = 300
@@ -132,22 +138,49 @@ def check_timestamp(timestamp: str, tolerance: int, now: float | None = None) ->
         raise CallbackRefused(403, "stale timestamp")
 
 
-async def read_body(request: web.Request, cap: int) -> bytes:
-    """The body, at most ``cap`` bytes; a longer one is refused (413) without reading it all."""
-    if request.content_length is not None and request.content_length > cap:
-        raise CallbackRefused(413, "body too large")
-    buf = bytearray()
-    try:
-        while True:
-            chunk = await request.content.read(cap + 1 - len(buf))
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > cap:
-                raise CallbackRefused(413, "body too large")
-    except HttpProcessingError:
-        raise CallbackRefused(400, "unreadable body") from None
-    return bytes(buf)
+async def read_body(request: web.Request, cap: int, deadline: float | None = None) -> bytes:
+    """The body, at most ``cap`` bytes, within ``deadline`` seconds (default
+    :data:`bridge.limits.BODY_TIMEOUT`); a longer one is refused (413) without reading it all, a
+    slower one with 408."""
+    return await limits.read_capped(request, cap, deadline, CallbackRefused)
+
+
+#: the ciphertext element of WeChat's outer XML: base64 text, bare or in one CDATA section
+_ENCRYPT_OPEN = b"<Encrypt>"
+_ENCRYPT_CLOSE = b"</Encrypt>"
+_B64 = re.compile(rb"[A-Za-z0-9+/=]+")
+
+
+def scan_encrypt(body: bytes) -> str:
+    """The text of the body's one ``<Encrypt>`` element, found without parsing the body.
+
+    Two ``find`` calls (linear, in C) and one regex over the value: whatever the body holds, this
+    costs about what reading it did, so a forged body is refused (by the signature check that
+    follows) before any XML parser sees it. Refused (400): no element, more than one (the signature
+    must cover the only one), or a value that is not base64.
+    """
+    start = body.find(_ENCRYPT_OPEN)
+    if start < 0:
+        raise CallbackRefused(400, "body has no Encrypt")
+    start += len(_ENCRYPT_OPEN)
+    end = body.find(_ENCRYPT_CLOSE, start)
+    if end < 0 or body.find(_ENCRYPT_OPEN, end) >= 0:
+        raise CallbackRefused(400, "body has no single Encrypt")
+    value = body[start:end]
+    if value.startswith(b"<![CDATA[") and value.endswith(b"]]>"):
+        value = value[9:-3]
+    if not _B64.fullmatch(value):
+        raise CallbackRefused(400, "Encrypt is not base64")
+    return value.decode("ascii")
+
+
+def parse_signed_outer(body: bytes, encrypt: str) -> dict[str, Any]:
+    """The outer XML, parsed only once its ``<Encrypt>`` has been verified: it must hold that very
+    ciphertext (so the parse cannot see another one than the scan did)."""
+    outer = parse_xml(body, "body")
+    if field(outer, "Encrypt") != encrypt:
+        raise CallbackRefused(400, "body has no single Encrypt")
+    return outer
 
 
 # -- XML messages (WeCom app, Official Account) -----------------------------------------------------
@@ -324,15 +357,20 @@ class WeChatInbound(Source):
             return self.refuse(request, crypto_refusal(e))
 
     def refuse(self, request: web.Request, e: CallbackRefused) -> web.Response:
-        self.log.warning(
+        refusals.note(
+            self.log,
             "wechat.refused",
+            self.name,
+            e.reason,
             type=self.type_name,
             method=request.method,
             status=e.status,
-            reason=e.reason,
             remote=request.remote,
         )
-        return web.Response(status=e.status, text=e.reason, headers=_NOSNIFF)
+        resp = web.Response(status=e.status, text=e.reason, headers=_NOSNIFF)
+        if e.status in (408, 413):
+            resp.force_close()  # the rest of the body is never read
+        return resp
 
     async def publish(self, env: Envelope, key: str) -> bool:
         """Store the envelope (dedupe on ``key``, one round trip); False for a platform retry."""

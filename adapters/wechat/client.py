@@ -27,6 +27,7 @@ from adapters.wechat.tokens import TokenCache
 from bridge import logging as blog
 from bridge.config import Secret
 from bridge.errors import PermanentError, RetryableError
+from bridge.redact import scrub
 
 JSON = dict[str, Any]
 WECOM_API = "https://qyapi.weixin.qq.com"
@@ -71,7 +72,7 @@ class JsonApi:
         except TimeoutError:
             raise RetryableError(f"{where}: no answer from {self.host} within {self.timeout:g} s") from None
         except aiohttp.ClientError as e:
-            detail = blog.scrub(str(e))[:200]
+            detail = scrub(str(e))[:200]
             raise RetryableError(f"{where}: cannot reach {self.host}: {type(e).__name__}: {detail}") from None
         if status == 429 or status >= 500:
             raise RetryableError(f"{where}: HTTP {status} from {self.host}")

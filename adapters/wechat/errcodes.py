@@ -5,8 +5,8 @@ Calls branch on ``errcode``, never on ``errmsg`` (that only serves as a hint for
 
 from __future__ import annotations
 
-from bridge import logging as blog
 from bridge.errors import PermanentError, RetryableError, SendError
+from bridge.redact import scrub
 
 #: errcodes that mean "this access token is no good": drop it, fetch another, try once more
 TOKEN_ERRORS: frozenset[int] = frozenset({40014, 42001, 41001})
@@ -20,7 +20,7 @@ class ApiError(Exception):
         self.path = path
         self.errcode = errcode
         # errmsg only ever serves as a hint for an unknown errcode; it never decides anything
-        self.errmsg = blog.scrub(errmsg.split(", hint:")[0])[:120]
+        self.errmsg = scrub(errmsg.split(", hint:")[0])[:120]
 
 
 WECOM_TOKEN_ERRORS = {

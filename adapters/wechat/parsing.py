@@ -167,9 +167,12 @@ def field(d: Mapping[str, Any], key: str) -> str:
         return v
     if isinstance(v, bool):
         return ""
-    if isinstance(v, int | float):
+    if isinstance(v, float) or (isinstance(v, int) and -_INT_MAX <= v <= _INT_MAX):
         return str(v)
-    return ""
+    return ""  # an integer past 64 bits is no WeChat field (and its str() may refuse: 4,300 digits)
+
+
+_INT_MAX = 2**63
 
 
 def seconds(value: str) -> float | None:

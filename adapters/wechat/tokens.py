@@ -16,27 +16,13 @@ from typing import Any
 
 from bridge import logging as blog
 from bridge.errors import RetryableError, SendError
+from bridge.lua import source
+
+#: where the cache's scripts live (``adapters/wechat/lua/``)
+LUA = "adapters.wechat.lua"
 
 log = blog.get("wechat.api")
 
-
-# KEYS[1] token, KEYS[2] lock; ARGV[1] value, ARGV[2] ttl ms, ARGV[3] lock owner
-_STORE = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-return 1
-"""
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-# drop the cached token only if it is still the one WeChat rejected (another process may have
-# stored a fresh one meanwhile)
-_DROP = """
-local v = redis.call('GET', KEYS[1])
-if v then
-  local sp = string.find(v, ' ', 1, true)
-  if sp and string.sub(v, sp + 1) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-end
-return 0
-"""
 
 Fetch = Callable[[], Awaitable[tuple[str, int]]]
 
@@ -72,9 +58,9 @@ class TokenCache:
         self._local: tuple[str, float, float] | None = None  # token, refresh at, expires at
         self._local_lock = asyncio.Lock()
         if redis is not None:
-            self._store = redis.register_script(_STORE)
-            self._release = redis.register_script(_RELEASE)
-            self._drop = redis.register_script(_DROP)
+            self._store = redis.register_script(source("token_store", LUA))
+            self._release = redis.register_script(source("lock_release", LUA))
+            self._drop = redis.register_script(source("token_drop", LUA))
 
     async def get(self) -> str:
         if self._redis is None:

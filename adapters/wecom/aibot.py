@@ -29,7 +29,7 @@ Config::
     # stream_window = 330           # seconds an answer may still go into the stream (WeCom polls ≤ 360)
     # timestamp_tolerance = 300     # seconds, 0 = off
     # dedupe_ttl = 86400
-    # max_body = 65536
+    # max_body = 32768
 """
 
 from __future__ import annotations
@@ -155,6 +155,10 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     if stream and kind == "message":
         meta["stream_id"] = key
     created = msg.get("create_time")
+    if not isinstance(created, int) or isinstance(created, bool):
+        created = None  # not a time: left out, as before
+    elif not 0 <= created < 2**40:
+        raise CallbackRefused(400, "bad create_time")  # float() of 10**400 would overflow
     aibot_id = field(msg, "aibotid")
     env = make_envelope(
         source,
@@ -170,11 +174,7 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
         event=event,
         meta=meta,
         raw=msg,
-        **(
-            {"created_at": float(created)}
-            if isinstance(created, int) and not isinstance(created, bool)
-            else {}
-        ),
+        **({"created_at": float(created)} if created is not None else {}),
     )
     return env, key
 
@@ -193,6 +193,7 @@ class WeComAIBotSource(WeComSigned):
         if not _NONCE_RE.fullmatch(nonce):
             raise CallbackRefused(400, "bad nonce")  # the reply echoes it; WeCom's are short and plain
         body = await read_body(request, self.options.max_body)
+        self.fresh(ts)  # again: the body may have taken a while
         try:
             encrypt = _outer.decode(body).encrypt
         except (ValueError, RecursionError):  # msgspec.DecodeError/ValidationError, UnicodeDecodeError

@@ -136,9 +136,13 @@ class WeComAIBotSink(Sink):
         if time.time() > now.arrived_at + RESPONSE_URL_TTL - _RESPONSE_URL_MARGIN:
             raise NoWayBack(f"the message's response_url expired (valid {RESPONSE_URL_TTL // 60} min)")
         body = {"msgtype": "markdown", "markdown": {"content": text}}
+        await self.ctx.egress.check(url)  # the URL came in the callback: WeCom's hosts only
         try:
             async with self.ctx.http().post(
-                url, json=body, timeout=aiohttp.ClientTimeout(total=self.options.timeout)
+                url,
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=self.options.timeout),
+                allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
                 status = resp.status

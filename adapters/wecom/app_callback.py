@@ -16,7 +16,7 @@ Config::
     corp_id = "ww0123456789abcdef"
     # timestamp_tolerance = 300   # seconds, 0 = off
     # dedupe_ttl = 86400
-    # max_body = 65536
+    # max_body = 32768
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from adapters.wechat.callback import (
     InboundOptions,
     WeChatInbound,
     check_aes_key,
+    parse_signed_outer,
     read_body,
     require_fields,
     required,
+    scan_encrypt,
     xml_message,
 )
 from adapters.wechat.crypto import WXBizMsgCrypt
@@ -87,11 +89,12 @@ class WeComAppSource(WeComSigned):
 
     async def accept(self, request: web.Request, query: dict[str, str]) -> web.Response:
         sig, ts, nonce = self.signed_query(query)
-        outer = parse_xml(await read_body(request, self.options.max_body), "body")
-        encrypt = field(outer, "Encrypt")
-        if not encrypt:
-            raise CallbackRefused(400, "body has no Encrypt")
-        msg = parse_xml(self._crypt.verify_and_decrypt(sig, ts, nonce, encrypt), "message")
+        body = await read_body(request, self.options.max_body)
+        self.fresh(ts)  # again: the body may have taken a while
+        encrypt = scan_encrypt(body)
+        self._crypt.verify_signature(sig, ts, nonce, encrypt)
+        parse_signed_outer(body, encrypt)
+        msg = parse_xml(self._crypt.decrypt(encrypt), "message")
         require_fields(msg, "MsgType", "FromUserName")
         meta = {"to": field(msg, "ToUserName")}
         if field(msg, "AgentID"):

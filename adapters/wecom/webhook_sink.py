@@ -252,7 +252,7 @@ class WeComWebhookSink(Sink):
         host = urlsplit(url).netloc or "?"
         try:
             timeout = aiohttp.ClientTimeout(total=self.options.timeout * 6)
-            async with self.ctx.http().get(url, timeout=timeout) as resp:
+            async with self.ctx.egress.get(self.ctx.http(), url, timeout=timeout) as resp:
                 if resp.status == 429 or resp.status >= 500:
                     raise RetryableError(
                         f"downloading the {a.kind} attachment: HTTP {resp.status} from {host}"

@@ -21,6 +21,9 @@ pairing_issue.lua      a DM pairing code for an unknown sender         ``bridge.
 claim.lua, gcra.lua,   fragments: ``claim()``, ``gcra()``,
 lease_check.lua        ``lease_held()``
 =====================  ==============================================  ================================
+
+Adapters keep their own scripts beside them the same way (``adapters/wechat/lua/``: the access-token
+cache), loaded with ``source(name, package)``.
 """
 
 from __future__ import annotations
@@ -33,13 +36,17 @@ _INCLUDE = re.compile(r"^--!include\s+([A-Za-z0-9_]+\.lua)\s*$", re.MULTILINE)
 
 
 @cache
-def source(name: str) -> str:
-    """The text of script ``name`` (``"lease_acquire"`` or ``"lease_acquire.lua"``), includes resolved."""
-    return _resolve(name if name.endswith(".lua") else f"{name}.lua", ())
+def source(name: str, package: str = __package__) -> str:
+    """The text of script ``name`` (``"lease_acquire"`` or ``"lease_acquire.lua"``), includes resolved.
+
+    ``package``: where the file lives; an adapter keeps its own scripts in a package of its own
+    (e.g. ``adapters.wechat.lua``) and loads them through this same loader. Includes resolve within
+    that package."""
+    return _resolve(package, name if name.endswith(".lua") else f"{name}.lua", ())
 
 
-def _resolve(file: str, stack: tuple[str, ...]) -> str:
+def _resolve(package: str, file: str, stack: tuple[str, ...]) -> str:
     if file in stack:
         raise ValueError(f"lua include cycle: {' -> '.join((*stack, file))}")
-    text = resources.files(__package__).joinpath(file).read_text(encoding="utf-8")
-    return _INCLUDE.sub(lambda m: _resolve(m.group(1), (*stack, file)).rstrip("\n"), text)
+    text = resources.files(package).joinpath(file).read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: _resolve(package, m.group(1), (*stack, file)).rstrip("\n"), text)

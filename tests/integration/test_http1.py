@@ -328,3 +328,14 @@ async def test_conformance_a_body_over_the_cap_is_cut_and_not_reused(
         # the small client leaves the rest unread, so it cannot reuse the connection; aiohttp
         # reuses one whose whole body arrived (it released it before we cut)
         assert srv.connections == 2
+
+
+async def test_pin_the_private_streamreader_buffer_the_reuse_check_reads() -> None:
+    """``_Conn.usable`` reads asyncio's private ``StreamReader._buffer`` to refuse reusing a connection
+    with stray bytes after a response: fail loudly here if asyncio changes it."""
+    reader = asyncio.StreamReader()
+    assert hasattr(reader, "_buffer") and not reader._buffer
+    reader.feed_data(b"stray")
+    assert bytes(reader._buffer) == b"stray"
+    await reader.readexactly(5)
+    assert not reader._buffer

@@ -19,7 +19,9 @@ from bridge.envelope import stable_id
 from tests.conftest import CollectSink, wait_for
 from tests.integration.test_wechat_inbound import KEY, TOKEN, Bridge, MakeBridge, bridges, decrypt_reply, post
 
-CONFIG = f"""
+#: the response_url receiver is on loopback: allowed here (bridge/egress.py refuses it by default)
+CONFIG = f"""fetch_hosts = ["127.0.0.1"]
+fetch_private = ["127.0.0.0/8"]
 [[inbound]]
 name = "bot"
 type = "wecom_aibot"

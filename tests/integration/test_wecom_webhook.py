@@ -80,7 +80,11 @@ async def start(
 ) -> Any:  # fmt: skip
     url = key or f"{fake.base}/cgi-bin/webhook/send?key={KEY}"
     body = CONFIG.format(rate=f'rate = "{rate}"' if rate is not None else "", key=url, extra=extra)
-    return await start_daemon(write_config(body))
+    return await start_daemon(write_config(LOOPBACK_FETCH + body))
+
+
+#: the test's file server is on loopback: let the sink fetch from it (bridge/egress.py refuses it else)
+LOOPBACK_FETCH = 'fetch_hosts = ["127.0.0.1"]\nfetch_private = ["127.0.0.0/8"]\n'
 
 
 async def publish(d: Any, text: str, **fields: Any) -> None:

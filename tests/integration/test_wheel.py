@@ -16,8 +16,11 @@ CHECK = """
 import json, pathlib, bridge
 from importlib import resources
 from bridge import lua
-names = sorted(p.name for p in resources.files("bridge.lua").iterdir() if p.name.endswith(".lua"))
-print(json.dumps({"file": bridge.__file__, "names": names, "sizes": [len(lua.source(n)) for n in names]}))
+out = {"file": bridge.__file__}
+for pkg in ("bridge.lua", "adapters.wechat.lua"):
+    names = sorted(p.name for p in resources.files(pkg).iterdir() if p.name.endswith(".lua"))
+    out[pkg] = {"names": names, "sizes": [len(lua.source(n, pkg)) for n in names]}
+print(json.dumps(out))
 """
 
 
@@ -38,6 +41,7 @@ def test_a_wheel_install_loads_every_lua_script(tmp_path: Path) -> None:
     out = subprocess.run([str(py), "-c", CHECK], check=True, cwd=tmp_path, capture_output=True, text=True)
     got = json.loads(out.stdout)
     assert got["file"].startswith(str(venv)), got["file"]  # the installed copy, not the source tree
-    expected = sorted(p.name for p in resources.files("bridge.lua").iterdir() if p.name.endswith(".lua"))
-    assert got["names"] == expected and len(expected) >= 13
-    assert all(n > 0 for n in got["sizes"])
+    for pkg, least in (("bridge.lua", 13), ("adapters.wechat.lua", 3)):
+        expected = sorted(p.name for p in resources.files(pkg).iterdir() if p.name.endswith(".lua"))
+        assert got[pkg]["names"] == expected and len(expected) >= least, pkg
+        assert all(n > 0 for n in got[pkg]["sizes"]), pkg

@@ -6,8 +6,9 @@ import pytest
 
 from adapters import SINKS, SOURCES
 from bridge.adapter import Registry
-from bridge.config import Secret, load, masked, parse_rates
+from bridge.config import Secret, load, parse_rates
 from bridge.errors import ConfigError
+from bridge.redact import masked
 
 BASE = """
 [[inbound]]

@@ -1,5 +1,6 @@
-"""The core's import graph: no cycle among bridge/ modules (imports under TYPE_CHECKING count too),
-and bridge/ imports nothing from adapters/."""
+"""The core's import graph: no cycle among bridge/ modules (imports under TYPE_CHECKING count too).
+The layout's rules (bridge/ imports nothing from adapters/, platforms not from each other) are
+tests/unit/test_house.py's."""
 
 from __future__ import annotations
 
@@ -82,16 +83,3 @@ def test_no_import_cycle_in_bridge() -> None:
 
 def test_web_does_not_import_the_daemon() -> None:
     assert "bridge.daemon" not in graph()["bridge.web"]
-
-
-def test_bridge_imports_nothing_from_adapters() -> None:
-    for path in BRIDGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = (
-                [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom) and not node.level
-                else []
-            )
-            assert not any(n == "adapters" or n.startswith("adapters.") for n in names), path

@@ -289,7 +289,7 @@ def test_valid_options_with_defaults(write_config: Callable[..., Config]) -> Non
     )  # fmt: skip
     opts = Registry.from_module("adapters").validate(write_config(body))
     a, b, c = opts["a"], opts["b"], opts["c"]
-    assert (a.timestamp_tolerance, a.dedupe_ttl, a.max_body) == (300, 86400, 65536)
+    assert (a.timestamp_tolerance, a.dedupe_ttl, a.max_body) == (300, 86400, 32768)
     assert b.encoding_aes_key is None and b.app_id == "" and not b.allow_plaintext
     assert (c.stream, c.stream_window) == (True, 330)
     assert (opts["o"].timeout, opts["o"].poll_interval) == (10.0, 0.2)
