@@ -6,7 +6,8 @@ every key one script touches lives in one slot):
 ====================================  =========================================================
 ``P:{inbound}``                       stream: every envelope the inbound adapters accepted
 ``P:{inbound}:seen:<source>:<key>``   dedupe marker (platform message id), value = stream id
-``P:{out:<sink>}``                    stream: deliveries for one sink
+``P:{out:<sink>}``                    stream: deliveries for one sink (its partition 0)
+``P:{out:<sink>}:p<n>``               stream: partition n ≥ 1 of the sink's deliveries (by conversation)
 ``P:{out:<sink>}:mark:<delivery>``    idempotency marker: ``owner`` while sending, ``done:<remote id>`` after
 ``P:{out:<sink>}:parts:<delivery>``   how many parts of a split delivery were sent
 ``P:{out:<sink>}:rl:<n>``             GCRA state of the sink's n-th rate
@@ -15,6 +16,7 @@ every key one script touches lives in one slot):
 ``P:{state}:<adapter>:<key>``         small adapter state (tokens, cursors)
 ``P:{draft}:<envelope>``              the reply to an envelope so far (streamed answers), short TTL
 ``P:{lease:<name>}``                  a fenced lease ``<owner>|<fence>`` (``…:fence``: its counter)
+``P:{members}``                       sorted set: live instances → last heartbeat (unix ms)
 ====================================  =========================================================
 
 Consumer groups: ``router`` on the inbound stream, ``runner`` on each out stream; consumer names are
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -148,6 +151,15 @@ class Keys:
     def out(self, sink: str) -> str:
         return f"{self.prefix}:{{out:{sink}}}"
 
+    def partition(self, sink: str, n: int) -> str:
+        """Partition ``n`` of a sink's stream; partition 0 is :meth:`out` itself (bridge/partitions.py)."""
+        return self.out(sink) if n == 0 else f"{self.prefix}:{{out:{sink}}}:p{n}"
+
+    @property
+    def members(self) -> str:
+        """Live instances: a sorted set, instance → last heartbeat (unix ms)."""
+        return f"{self.prefix}:{{members}}"
+
     def mark(self, sink: str, delivery_id: str) -> str:
         return f"{self.prefix}:{{out:{sink}}}:mark:{delivery_id}"
 
@@ -186,6 +198,12 @@ class Keys:
 
 Entry = tuple[str, dict[bytes, bytes]]
 
+
+def partition_of(conversation: str, n: int) -> int:
+    """The partition (0 ≤ p < n) a conversation's deliveries go to: stable across processes."""
+    return zlib.crc32(conversation.encode()) % n if n > 1 else 0
+
+
 #: seconds a publish waits after the previous publish call went out, so that close ones go together
 PUBLISH_LINGER = 0.001
 
@@ -206,6 +224,8 @@ class Bus:
         self.dead_maxlen = dead_maxlen
         self.dedupe_ttl = dedupe_ttl
         self.scripts = Scripts(redis)
+        #: partitions per sink (bridge/partitions.py); a sink not named here has one, its stream
+        self.partitions: dict[str, int] = {}
         #: publishes waiting for the batch on the wire to come back: (marker, payload, ttl, future)
         self._queue: list[tuple[str, bytes, int, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -293,8 +313,8 @@ class Bus:
             )
 
         def before(pipe: Any) -> None:
-            for sink, pairs in self._by_sink(write).items():
-                Scripts.queue_add_deliveries(pipe, self.keys.out(sink), self.maxlen, pairs)
+            for stream_key, pairs in self._by_stream(write).items():
+                Scripts.queue_add_deliveries(pipe, stream_key, self.maxlen, pairs)
             if ack:
                 pipe.xack(stream, group, *ack)
 
@@ -363,13 +383,31 @@ class Bus:
         if ids:
             await self.redis.xack(stream, group, *ids)
 
-    @staticmethod
-    def _by_sink(deliveries: Sequence[Delivery]) -> dict[str, list[tuple[str, bytes]]]:
-        """Per sink, in order, the (delivery id, encoded delivery) pairs add_deliveries.lua takes."""
-        by_sink: dict[str, list[tuple[str, bytes]]] = {}
+    def out_streams(self, sink: str) -> list[str]:
+        """Every partition stream of ``sink`` (one, its stream, when it is not partitioned)."""
+        return [self.keys.partition(sink, n) for n in range(self.partitions.get(sink, 1))]
+
+    async def out_pending(self, sink: str, redis: Any = None) -> int:
+        """Entries of ``sink`` read and not yet acked, over all its partitions."""
+        r = redis or self.redis
+        total = 0
+        for s in self.out_streams(sink):
+            total += int((await r.xpending(s, RUNNER_GROUP))["pending"])
+        return total
+
+    def stream_of(self, d: Delivery) -> str:
+        """The stream ``d`` goes to: its sink's partition of its conversation."""
+        n = self.partitions.get(d.sink, 1)
+        if n <= 1:
+            return self.keys.out(d.sink)
+        return self.keys.partition(d.sink, partition_of(d.conversation or d.envelope.conversation.id, n))
+
+    def _by_stream(self, deliveries: Sequence[Delivery]) -> dict[str, list[tuple[str, bytes]]]:
+        """Per stream, in order, the (delivery id, encoded delivery) pairs add_deliveries.lua takes."""
+        by_stream: dict[str, list[tuple[str, bytes]]] = {}
         for d in deliveries:
-            by_sink.setdefault(d.sink, []).append((d.id, encode(d)))
-        return by_sink
+            by_stream.setdefault(self.stream_of(d), []).append((d.id, encode(d)))
+        return by_stream
 
     async def add_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         """Append deliveries to their sinks' streams, in order: one Lua call per sink (one slot each).
@@ -377,8 +415,8 @@ class Bus:
         Packing one call with many payloads costs a few microseconds a delivery; a pipeline of XADDs
         costs redis-py tens of microseconds a command.
         """
-        for sink, pairs in self._by_sink(deliveries).items():
-            await self.scripts.add_deliveries(self.keys.out(sink), self.maxlen, pairs)
+        for stream_key, pairs in self._by_stream(deliveries).items():
+            await self.scripts.add_deliveries(stream_key, self.maxlen, pairs)
 
     async def dead_letter(
         self, payload: bytes, *, reason: str, origin: str, attempts: int, instance: str, pipe: Any = None

@@ -39,7 +39,14 @@ def _redis(cfg: Config) -> Any:
 
 
 def _bus(cfg: Config, r: Any) -> Bus:
-    return Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
+    bus = Bus(r, Keys(cfg.redis.prefix), maxlen=cfg.redis.stream_maxlen, dedupe_ttl=cfg.redis.dedupe_ttl)
+    bus.partitions = {o.name: o.partitions for o in cfg.outbound}
+    return bus
+
+
+def _entry_order(entry: tuple[Any, Any]) -> tuple[int, int]:
+    ms, _, seq = entry[0].decode().partition("-")
+    return int(ms), int(seq or 0)
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
@@ -82,9 +89,12 @@ def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
 async def _tail(cfg: Config, stream: str, count: int) -> int:
     r = _redis(cfg)
     try:
-        key = Keys(cfg.redis.prefix).stream(stream)
-        entries = await r.xrevrange(key, count=count)
-        for eid, fields in reversed(entries):
+        keys = [Keys(cfg.redis.prefix).stream(stream)]
+        if stream.startswith("out:"):  # every partition of the sink, merged by entry id
+            keys = _bus(cfg, r).out_streams(stream[4:])
+        entries = [e for key in keys for e in await r.xrevrange(key, count=count)]
+        entries = sorted(entries, key=_entry_order)[-count:]
+        for eid, fields in entries:
             row: dict[str, Any] = {"id": eid.decode()}
             for k, v in fields.items():
                 name = k.decode()
@@ -134,7 +144,11 @@ async def _status(cfg: Config) -> int:
     out: dict[str, Any] = {"instance": cfg.bridge.instance, "streams": {}}
     try:
         streams = [("inbound", keys.inbound, ROUTER_GROUP), ("dead", keys.dead, None)]
-        streams += [(f"out:{o.name}", keys.out(o.name), RUNNER_GROUP) for o in cfg.outbound]
+        streams += [
+            (f"out:{o.name}" + (f":p{n}" if n else ""), keys.partition(o.name, n), RUNNER_GROUP)
+            for o in cfg.outbound
+            for n in range(o.partitions)
+        ]
         for name, key, group in streams:
             row: dict[str, Any] = {"length": await r.xlen(key)}
             if group:
@@ -186,7 +200,9 @@ async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
             pipe = r.pipeline(transaction=False)
             pipe.delete(keys.mark(d.sink, d.id))
             fields = {Field.DELIVERY: raw, Field.DELIVERY_ID: d.id}
-            pipe.xadd(keys.out(d.sink), fields, maxlen=cfg.redis.stream_maxlen, approximate=True)
+            # to its conversation's partition, after what is queued there (bridge/partitions.py)
+            stream = _bus(cfg, r).stream_of(d)
+            pipe.xadd(stream, fields, maxlen=cfg.redis.stream_maxlen, approximate=True)
             pipe.xdel(keys.dead, eid)
             await pipe.execute()
             replayed += 1

@@ -103,6 +103,10 @@ class BridgeSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_timeout: float = 10.0
     #: replies of replies stop after this many hops (a loop guard)
     max_hops: int = 8
+    #: seconds a partition or router lease lasts unrenewed: a dead instance's share moves within it
+    lease_ttl: float = 10.0
+    #: an entry handed out this many times (crashes, take-overs) goes to the dead-letter stream
+    max_deliveries: int = 20
 
 
 class RedisSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -216,6 +220,9 @@ class OutboundConfig(msgspec.Struct, kw_only=True):
     retry_max: float = 300.0
     #: an entry pending longer than this on a vanished consumer is claimed by another instance
     claim_idle: float = 600.0
+    #: the sink's stream is split by conversation into this many partitions, each sent by one
+    #: instance at a time (bridge/partitions.py): more partitions, more instances share the sink
+    partitions: int = 4
     #: an answer this sink cannot carry back (it raises NoWayBack) goes to this outbound instead
     fallback: str | None = None
     #: the fallback's conversation: ``{sender}`` and ``{conversation}`` of the message answered
@@ -409,6 +416,10 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
         return _resolve_table(v, name, file, env)
 
     bridge = convert(section("bridge"), BridgeSection, "bridge", file)
+    if bridge.lease_ttl < 1:
+        raise ConfigError(f"{file}: bridge.lease_ttl: must be at least 1 (seconds)")
+    if bridge.max_deliveries < 2:
+        raise ConfigError(f"{file}: bridge.max_deliveries: must be at least 2")
     if not bridge.instance:
         bridge.instance = socket.gethostname()
     if not NAME_RE.match(bridge.instance):
@@ -454,7 +465,7 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
                 parse_rates(ob.rate)
             except ValueError as e:
                 raise ConfigError(f"{file}: {where}.rate: {e}") from None
-        for key in ("burst", "concurrency", "max_attempts"):
+        for key in ("burst", "concurrency", "max_attempts", "partitions"):
             if getattr(ob, key) < 1:
                 raise ConfigError(f"{file}: {where}.{key}: must be at least 1")
         outbound.append(ob)

@@ -26,14 +26,21 @@ from bridge.egress import Egress
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
 from bridge.files import private_dir
+from bridge.lease import Lease
 from bridge.listener import Listener, install_accept_guard
+from bridge.partitions import Members, Partitions, SinkRunners, Worker
 from bridge.router import Router, plan
-from bridge.runner import Runner
 from bridge.web import Counters, build_admin_app, build_app
 
 log = blog.get("daemon")
 
 T = TypeVar("T")
+
+#: a supervised task's first restart delay; it doubles per failure up to BACKOFF_MAX, and starts
+#: over when the task had run BACKOFF_RESET seconds before failing
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 30.0
+BACKOFF_RESET = 10.0
 Undo = Callable[[], Awaitable[object]]
 
 
@@ -96,8 +103,10 @@ class Supervisor:
         self.tasks[name] = asyncio.create_task(self._keep(name, factory, restart), name=name)
 
     async def _keep(self, name: str, factory: Callable[[], Awaitable[None]], restart: bool) -> None:
-        delay = 0.5
+        delay = BACKOFF_FIRST
         while True:
+            started = time.monotonic()
+            redis_down = False
             try:
                 await factory()
                 if self.stopping or not restart:
@@ -106,17 +115,28 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except UNAVAILABLE as e:
-                log.warning("task.redis_unavailable", task=name, error=str(e), retry_in=delay)
+                redis_down = True
+                delay = self._fresh(delay, started)
+                log.warning("task.redis_unavailable", task=name, error=str(e), retry_in=min(delay, 1.0))
             except Exception:
+                delay = self._fresh(delay, started)
                 self.crashes[name] = self.crashes.get(name, 0) + 1
                 log.exception("task.crashed", task=name, crashes=self.crashes[name], restart_in=delay)
             if self.stopping or not restart:
                 return
+            # Redis being down is retried at least every second, so work resumes within a second
+            # of its return; a crash (a bug) backs off up to BACKOFF_MAX
+            wait = min(delay, 1.0) if redis_down else delay
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)  # a stop cuts the back-off short
+                await asyncio.wait_for(self._stop.wait(), wait)  # a stop cuts the back-off short
             if self.stopping:
                 return
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    @staticmethod
+    def _fresh(delay: float, started: float) -> float:
+        """The back-off starts over when the task ran BACKOFF_RESET before failing (a new failure)."""
+        return BACKOFF_FIRST if time.monotonic() - started >= BACKOFF_RESET else delay
 
     def cancel(self, name: str) -> None:
         task = self.tasks.pop(name, None)
@@ -203,8 +223,14 @@ class Daemon:
         self.bus: Bus | None = None
         self.sources: dict[str, Source] = {}
         self.sinks: dict[str, Sink] = {}
-        self.runners: dict[str, Runner] = {}
+        self.runners: dict[str, SinkRunners] = {}
+        #: the router while this instance holds the ``router`` lease (None when another does)
         self.router: Router | None = None
+        self.gate: Gate | None = None
+        self._routed_before = 0
+        self.members: Members | None = None
+        self.router_lease: Partitions | None = None
+        self._workers_stop = asyncio.Event()
         self.supervisor = Supervisor()
         self.lifecycle = Lifecycle()
         self.http_session: aiohttp.ClientSession | None = None
@@ -295,22 +321,45 @@ class Daemon:
         self.lifecycle.on_stop("http_client", self._close_http)
 
     async def _start_workers(self) -> None:
-        """The router and one runner per sink, as supervised tasks; and the long-running sources."""
+        """The router (one instance at a time, under the ``router`` lease) and each sink's runners
+        (one per partition this instance holds: bridge/partitions.py), as supervised tasks; the
+        instance's heartbeat; and the long-running sources."""
         cfg = self.config
-        assert self.bus is not None
-        gate = Gate(cfg, self.bus, functools.partial(plan, cfg), self.sinks)
-        self.router = Router(cfg, self.bus, self.instance, gate=gate)
+        bus = self.bus
+        assert bus is not None
+        #: access policies and session commands: one gate for every life of the router here
+        self.gate = Gate(cfg, bus, functools.partial(plan, cfg), self.sinks)
+        ttl = cfg.bridge.lease_ttl
+        bus.partitions = {o.name: o.partitions for o in cfg.outbound}
+        self.members = members = Members(self.redis, bus.keys, self.instance, ttl=ttl)
+        self.router_lease = router_lease = Partitions(
+            self.redis, bus.keys, self.members, "router", 1, self.instance, self._make_router, ttl=ttl,
+            on_done=self._router_done,
+        )  # fmt: skip
         for o in cfg.outbound:
-            self.runners[o.name] = Runner(
-                self.sinks[o.name], o, self.bus, self.instance, shutdown_timeout=cfg.bridge.shutdown_timeout
-            )
+            self.runners[o.name] = SinkRunners(
+                self.sinks[o.name], o, bus, self.instance, self.members, ttl=ttl,
+                shutdown_timeout=cfg.bridge.shutdown_timeout, max_deliveries=cfg.bridge.max_deliveries,
+            )  # fmt: skip
         self.lifecycle.on_stop("workers", self._stop_workers)
-        self.supervisor.spawn("router", self.router.run)
-        for name, runner in self.runners.items():
-            self.supervisor.spawn(f"runner:{name}", runner.run)
+        self.supervisor.spawn("members", lambda: members.run(self._workers_stop))
+        self.supervisor.spawn("router", lambda: router_lease.run(self._workers_stop))
+        for name, runners in self.runners.items():
+            self.supervisor.spawn(f"runner:{name}", runners.run)
         for name, src in self.sources.items():
             if src.long_running:
                 self.supervisor.spawn(f"source:{name}", src.run)
+
+    def _make_router(self, _n: int, lease: Lease) -> Router:
+        assert self.bus is not None
+        self.router = Router(self.config, self.bus, self.instance, lease=lease, gate=self.gate)
+        return self.router
+
+    def _router_done(self, router: Worker) -> None:
+        if isinstance(router, Router):
+            self._routed_before += router.routed
+            if router is self.router:
+                self.router = None
 
     async def _serve_http(self) -> None:
         http = self.config.http
@@ -408,8 +457,7 @@ class Daemon:
             await self.http_session.close()
 
     async def _stop_workers(self) -> None:
-        if self.router:
-            self.router.stop()
+        self._workers_stop.set()
         for r in self.runners.values():
             r.stop()
         # runners bound their own drain by shutdown_timeout; give them a little more, then cancel
@@ -446,7 +494,7 @@ class Daemon:
 
     def counters(self) -> Counters:
         return Counters(
-            routed=self.router.routed if self.router else 0,
+            routed=self._routed_before + (self.router.routed if self.router else 0),
             sent={name: r.sent for name, r in self.runners.items()},
             dead={name: r.dead for name, r in self.runners.items()},
             task_crashes=dict(self.supervisor.crashes),

@@ -57,6 +57,11 @@ class Lease:
         return self.fence > 0 and time.monotonic() < self._valid_until
 
     @property
+    def valid_for(self) -> float:
+        """Seconds our holding stays trusted without another renewal (0 when not held)."""
+        return max(self._valid_until - time.monotonic(), 0.0) if self.fence else 0.0
+
+    @property
     def ttl_ms(self) -> int:
         return int(self.ttl * 1000)
 

@@ -20,7 +20,9 @@ from bridge.access import Gate
 from bridge.bus import ROUTER_GROUP, Bus, Field
 from bridge.config import Config, OutboundConfig, RouteConfig
 from bridge.envelope import Delivery, Envelope, Origin, decode_envelope, delivery_id, make_envelope, stable_id
+from bridge.lease import Lease
 from bridge.merge import Merger
+from bridge.recovery import Recovery
 
 log = blog.get("router")
 
@@ -118,12 +120,22 @@ class Router:
     """
 
     def __init__(
-        self, config: Config, bus: Bus, consumer: str, *, batch: int = 256, gate: Gate | None = None
+        self,
+        config: Config,
+        bus: Bus,
+        consumer: str,
+        *,
+        batch: int = 256,
+        lease: Lease | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
         self.consumer = consumer
         self.batch = batch
+        #: the ``router`` lease (bridge/partitions.py): one router at a time, or a conversation's
+        #: deliveries would be written in the order two routers' reads finished. None: alone (tests)
+        self.lease = lease
         self._stopping = asyncio.Event()
         self._sinks = {o.name: o for o in config.outbound}
         self.routed = 0
@@ -135,6 +147,13 @@ class Router:
     def stop(self) -> None:
         self._stopping.set()
 
+    def abort(self) -> None:
+        """The lease ended: stop before the next read (what is unacked is routed again, deduped)."""
+        self._stopping.set()
+
+    def _may_read(self) -> bool:
+        return not self._stopping.is_set() and (self.lease is None or self.lease.held)
+
     def _block_ms(self) -> int:
         """How long a read may block: 1 s, or less when a held burst falls due sooner."""
         due = self.merger.next_due(time.time())
@@ -143,12 +162,19 @@ class Router:
     async def run(self) -> None:
         stream = self.bus.keys.inbound
         await self.bus.ensure_group(stream, ROUTER_GROUP)
+        if self.lease is not None:  # the previous holder's unfinished entries are ours, and first
+            rec = Recovery(
+                self.bus, stream, ROUTER_GROUP, self.consumer,
+                max_deliveries=self.config.bridge.max_deliveries, origin="inbound",
+            )  # fmt: skip
+            await rec.take_over()
+            await rec.drop_consumers(max(60.0, self.lease.ttl * 3))
         start = "0"  # first our own pending entries (a previous life's), then new ones
         acks: list[str] = []  # their deliveries are written: ack them with the next read
         routed: list[str] = []  # routed: their deliveries go with the next read
         out: list[Delivery] = []
         try:
-            while not self._stopping.is_set():
+            while self._may_read():
                 read = self.bus.read(
                     stream, ROUTER_GROUP, self.consumer, count=self.batch,
                     block_ms=self._block_ms() if start == ">" else None, start=start, ack=acks, write=out,

@@ -1,6 +1,9 @@
 """The delivery runner, written once for every sink: read → claim → send → ack.
 
-One runner per sink per instance consumes ``P:{out:<sink>}`` in group ``runner``.
+In a daemon, one runner per *partition* of a sink's stream (``P:{out:<sink>}`` and
+``P:{out:<sink>}:p<n>``, group ``runner``) runs on the one instance holding that partition's lease
+(:mod:`bridge.partitions`); it first takes over what the previous holder left pending
+(:mod:`bridge.recovery`), reads it first, and reads and sends only while its lease is held.
 :meth:`Runner.run` polls (:meth:`Runner.poll_iteration`) until stopped:
 
 1. **read** a batch of entries (:class:`ReadClaim`: one round trip that also writes the acks so far
@@ -10,17 +13,20 @@ One runner per sink per instance consumes ``P:{out:<sink>}`` in group ``runner``
    before each send claims again and charges the rate limits (``lua/claim_send.lua``, GCRA), so the
    rate holds at the moment of sending;
 3. **send** through the sink, on one of ``concurrency`` workers (:meth:`Runner.deliver`);
-4. **ack**: on success set the marker to ``done:<remote id>`` and ack, batched (:class:`AckBatch`:
-   many acks in one Lua call). On :class:`RetryableError` back off exponentially with jitter (or the
-   sink's retry-after) *in place*, so a conversation keeps its order; on :class:`PermanentError` or
-   after ``max_attempts`` write a dead letter with the reason, then ack.
+4. **ack**: on success set the marker to ``done:<remote id>`` and ack as soon as the send returned
+   (:class:`AckBatch`: acks that come meanwhile go in the same Lua call). On
+   :class:`RetryableError` back off exponentially with jitter (or the sink's retry-after) *in
+   place*, so a conversation keeps its order; on :class:`PermanentError` or after
+   ``max_attempts`` write a dead letter with the reason, then ack.
 
 Deliveries to one conversation run one after another (a conversation's queue is served by one worker
 at a time); different conversations run concurrently. A stopped runner stops reading, lets queued
-and in-flight sends finish within a bound, acks, and returns; what did not finish stays pending and
-is taken up again by this instance's next life (it reads its own pending entries first) or, after
-``claim_idle``, by another instance. :meth:`Runner.run_until_idle` drives a runner without a daemon:
-it returns once the stream has nothing left for it (tests).
+and in-flight sends finish within a bound, acks, and returns; what did not finish stays pending —
+every queued job is dropped at once, so a conversation's later job never goes before an unfinished
+earlier one — and is read again, in stream order, by the next run (ours or the next lease holder's).
+An aborted runner (its lease ended) cancels its sends at once. A runner without a lease (tests)
+takes over entries idle ``claim_idle`` on vanished consumers. :meth:`Runner.run_until_idle` drives
+a runner without a daemon: it returns once the stream has nothing left for it (tests).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,22 +47,46 @@ from bridge.config import OutboundConfig, Rate, parse_rates
 from bridge.envelope import Delivery, decode_delivery, encode
 from bridge.errors import NoWayBack, PermanentError, RetryableError
 from bridge.fallback import fallback_delivery
+from bridge.lease import Lease
 from bridge.ratelimit import Limit, Limiter
+from bridge.recovery import Recovery
 from bridge.router import reply_envelope
 from bridge.scripts import OK, UNCLAIMED, Ack, Claim, ClaimStatus, Owner, Scripts
 
 DONE_TTL = 7 * 86_400
-#: acks (done markers + XACK) wait this long to be written together, in one round trip. It widens
-#: the one window where a crash resends (after the platform accepted, before the marker is written)
-#: by as much; a graceful stop writes them at once.
-ACK_LINGER = 0.002
+#: acks (done markers + XACK) wait this long to be written together. 0: a done marker is written as
+#: soon as its send returned (group commit: acks that come while one write is on the wire go in the
+#: next one), which keeps the one window where a crash resends (after the platform accepted, before
+#: the marker is written) as small as one round trip; a graceful stop writes them at once.
+ACK_LINGER = 0.0
+
+
+#: delivery ids a runner remembers having sent (see Runner._recent)
+RECENT = 4096
+
+#: seconds a stop past shutdown_timeout still waits for the sends on the wire (the daemon's
+#: supervisor cancels what is left 5 s after shutdown_timeout)
+SEND_GRACE = 4.0
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError when this task was asked to stop: a redis-py call that was cancelled in
+    mid-command may return normally (or raise a connection error) instead, and a loop that goes
+    on would never end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+#: background writes of a finished runner's last acks (a reference keeps each task alive)
+_LATER: set[asyncio.Task[None]] = set()
 
 
 class AckBatch:
     """Acks waiting to be written together: their done markers and XACKs in one ``sync.lua`` call.
 
-    :meth:`add` queues an ack and wakes :meth:`run`, which lingers :data:`ACK_LINGER` for more and
-    writes them; a read going out meanwhile takes them along instead (:meth:`take`, and
+    :meth:`add` queues an ack and wakes :meth:`run`, which writes them at once (after
+    :data:`ACK_LINGER`, when set); a read going out meanwhile takes them along instead (:meth:`take`, and
     :meth:`put_back` when that read failed). :meth:`sync` writes them with a claim of markers.
     """
 
@@ -119,19 +149,41 @@ class AckBatch:
         if self._pending:
             await self.sync()
 
+    def flush_later(self, every: float = 0.1, give_up: float = 3600.0) -> None:
+        """Keep trying :meth:`flush` in the background (the runner is gone; Redis is down)."""
+        if not self._pending:
+            return
+
+        async def retry() -> None:
+            end = time.monotonic() + give_up
+            while self._pending and time.monotonic() < end:
+                try:
+                    await self.flush()
+                except UNAVAILABLE:
+                    await asyncio.sleep(every)
+            if self._pending:
+                self.log.error("runner.acks_abandoned", count=len(self._pending))
+
+        task = asyncio.create_task(retry(), name=f"acks-later:{self.stream}")
+        _LATER.add(task)
+        task.add_done_callback(_LATER.discard)
+
     async def run(self) -> None:
         """Write acks shortly after they come, until cancelled."""
         while True:
             await self._wake.wait()
-            # linger a moment: more acks come, and the read loop's next read may carry them all
-            await asyncio.sleep(self.linger)
+            if self.linger > 0:  # more acks come meanwhile, or a read carries them all
+                await asyncio.sleep(self.linger)
             self._wake.clear()
+            _raise_if_cancelled()
             try:
                 await self.flush()
             except UNAVAILABLE as e:
+                _raise_if_cancelled()
                 self.log.warning("runner.ack_failed", error=str(e))
                 await asyncio.sleep(1.0)
                 self._wake.set()
+            _raise_if_cancelled()
 
 
 class ReadClaim:
@@ -209,8 +261,9 @@ class Runner:
     in place); different conversations are served concurrently. Each poll reads a batch and claims
     the idempotency markers of the whole batch in the same round trip (:class:`ReadClaim`) and
     queues the deliveries; a worker sends without another round trip when the sink has no rate to
-    charge. Acks are batched (:class:`AckBatch`) and ride on the next read when one comes within
-    ``ACK_LINGER``. Implements :class:`bridge.adapter.DeliveryServices` for its sink.
+    charge. Acks are written as soon as the send returned (:class:`AckBatch`: the ones that come
+    while a write is on the wire go together, or ride on a read going out). Implements
+    :class:`bridge.adapter.DeliveryServices` for its sink.
     """
 
     def __init__(
@@ -222,6 +275,10 @@ class Runner:
         *,
         batch: int = 128,
         shutdown_timeout: float = 10.0,
+        stream: str | None = None,
+        lease: Lease | None = None,
+        concurrency: int | None = None,
+        max_deliveries: int = 20,
     ) -> None:
         self.sink = sink
         self.ctx = sink.ctx
@@ -229,13 +286,17 @@ class Runner:
         self.bus = bus
         self.keys = bus.keys
         self.instance = instance
-        self.owner = Owner(instance, f"{instance}:{uuid.uuid4().hex[:12]}")
-        self.stream = bus.keys.out(cfg.name)
+        #: the partition's lease (bridge/partitions.py): read and send only while it is held; None:
+        #: the runner reads the whole stream alone (tests, one-off drains)
+        self.lease = lease
+        self.owner = Owner(instance, f"{instance}:{uuid.uuid4().hex[:12]}", takes_any=lease is not None)
+        self.stream = stream or bus.keys.out(cfg.name)
+        self.concurrency = concurrency or cfg.concurrency
+        self.max_deliveries = max_deliveries
         self.batch = batch
         self.shutdown_timeout = shutdown_timeout
         self.log = blog.get("runner", sink=cfg.name)
-        rates = parse_rates(cfg.rate) if cfg.rate is not None else parse_rates(sink.default_rate or "")
-        self.rates: list[Rate] = rates
+        self.rates: list[Rate] = self.sink_rates(sink, cfg)
         self._claim_ttl_ms = int(cfg.claim_idle * 1000)
         self.scripts = bus.scripts
         self._limiter = Limiter(bus.redis)
@@ -245,8 +306,16 @@ class Runner:
             marker_prefix=bus.keys.mark(cfg.name, ""),
         )  # fmt: skip
         self._stopping = asyncio.Event()
+        #: stopping because the lease ended: no drain, sends in flight are cancelled
+        self._aborting = False
+        #: a stop ran past shutdown_timeout: no new send starts; the ones on the wire finish
+        self._draining = False
+        #: sends on the wire now (inside the sink's send)
+        self._sending = 0
+        self._sends_idle = asyncio.Event()
+        self._sends_idle.set()
         #: read-ahead: at most this many deliveries taken and not finished; read again below half
-        self._limit = max(cfg.concurrency * 4, 64)
+        self._limit = max(self.concurrency * 4, 64)
         self._queues: dict[str, deque[_Job]] = {}
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._inflight: dict[str, _Job] = {}
@@ -263,6 +332,14 @@ class Runner:
         self._burst = False
         self.sent = 0
         self.dead = 0
+        #: delivery ids this runner sent lately → remote id (a duplicate entry right behind its
+        #: original finds it here: the original's done marker may still be on its way to Redis)
+        self._recent: OrderedDict[str, str] = OrderedDict()
+
+    @staticmethod
+    def sink_rates(sink: Sink, cfg: OutboundConfig) -> list[Rate]:
+        """The sink's rates: ``rate`` from the config, else the adapter's default."""
+        return parse_rates(cfg.rate) if cfg.rate is not None else parse_rates(sink.default_rate or "")
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -270,13 +347,36 @@ class Runner:
         self._stopping.set()
         self._room.set()
 
+    def abort(self) -> None:
+        """Stop at once (the partition's lease ended): cancel the sends in flight, ack nothing more
+        of what is unfinished; it stays pending for the next holder."""
+        self._aborting = True
+        self._sends_idle.set()
+        self.stop()
+
+    def _may_send(self) -> bool:
+        if self.lease is not None and not self.lease.held:
+            self.abort()
+        return not (self._aborting or self._draining)
+
     async def run(self) -> None:
         """Poll until stopped, then finish what is in flight (within ``shutdown_timeout``)."""
+        # every run starts with our own pending entries, in stream order (a previous run's, or
+        # the ones a take-over just made ours)
+        self._start = "0"
+        self.read_claim.last_read = "0"
         await self.bus.ensure_group(self.stream, RUNNER_GROUP)
+        if self.lease is not None:
+            rec = Recovery(
+                self.bus, self.stream, RUNNER_GROUP, self.instance,
+                max_deliveries=self.max_deliveries, origin=f"out:{self.cfg.name}",
+            )  # fmt: skip
+            self.dead += (await rec.take_over()).dead
+            await rec.drop_consumers(max(60.0, self.lease.ttl * 3))
         self._ack_task = asyncio.create_task(self.acks.run(), name=f"acker:{self.cfg.name}")
         self._workers = [
             asyncio.create_task(self._worker(), name=f"send:{self.cfg.name}:{n}")
-            for n in range(self.cfg.concurrency)
+            for n in range(self.concurrency)
         ]
         self._next_reclaim = time.monotonic() + self._reclaim_every()
         try:
@@ -300,6 +400,8 @@ class Runner:
         then take over entries idle on vanished consumers. False when the run should end."""
         if not await self._wait_for_room():
             return True
+        if not self._may_send():
+            return False
         count = min(self.batch, self._limit - len(self._inflight))
         claims: dict[str, Claim] | None = None
         if self._start != ">":  # our own pending entries first, claimed in _admit
@@ -321,7 +423,8 @@ class Runner:
             await self._idle.wait()
             if not self._inflight and not len(self.acks):
                 return False
-        if time.monotonic() >= self._next_reclaim:
+        if self.lease is None and time.monotonic() >= self._next_reclaim:
+            # a lease holder is the partition's only reader: what others left, it took over at start
             self._next_reclaim = time.monotonic() + self._reclaim_every()
             self._reclaim_cursor = await self._reclaim(self._reclaim_cursor)
         return True
@@ -354,18 +457,40 @@ class Runner:
         return str(nxt.decode() if isinstance(nxt, bytes) else nxt)
 
     async def _drain(self) -> None:
-        if self._inflight:
-            try:
+        """Let in-flight sends finish (within ``shutdown_timeout``; not at all on abort), then drop
+        every queued job at once: they stay pending, and the next run (ours or the next holder's)
+        reads them again in stream order. Dropping only the job a cancelled worker held would let
+        a later job of its conversation go first."""
+        if self._inflight and not self._aborting:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.shutdown_timeout)
-            except TimeoutError:
-                self.log.warning("runner.shutdown_unfinished", count=len(self._inflight))
+            # past the bound: start no new send (retries sleeping are dropped, unsent), but let
+            # the sends on the wire finish, within SEND_GRACE: cancelling one the receiver already
+            # took would have it sent again
+            self._draining = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sends_idle.wait(), SEND_GRACE)
+        if self._inflight:
+            self.log.warning("runner.shutdown_unfinished", count=len(self._inflight), aborted=self._aborting)
         for t in self._workers:
             t.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        self._queues.clear()
+        self._inflight.clear()
+        self._ready = asyncio.Queue()
+        self._idle.set()
+        self._room.set()
         if self._ack_task is not None:
             self._ack_task.cancel()
             await asyncio.gather(self._ack_task, return_exceptions=True)
-        await self.acks.flush()
+        try:
+            await asyncio.wait_for(self.acks.flush(), 5.0)
+        except (*UNAVAILABLE, TimeoutError):
+            # done markers of sends that happened stay true whoever holds the lease now: keep
+            # writing them until Redis is back, so the next holder does not send them again
+            self.acks.flush_later()
+        self.log.info("runner.stopped", stream=self.stream, aborted=self._aborting)
 
     # -- claim: a batch at once --------------------------------------------------------------------
 
@@ -422,6 +547,9 @@ class Runner:
             conv = await self._ready.get()
             q = self._queues[conv]
             job = q[0]
+            _raise_if_cancelled()
+            if not self._may_send():  # the lease ended: leave the rest pending, in order
+                return
             try:
                 await self.deliver(job)
             except asyncio.CancelledError:
@@ -473,6 +601,12 @@ class Runner:
         eid, d = job.eid, job.d
         attempt = 0
         marker = self.keys.mark(self.cfg.name, d.id)
+        sent = self._recent.get(d.id)
+        if sent is not None:  # the same delivery twice in the stream (routed again), just sent:
+            # its done marker may not be in Redis yet, so the claim would not say so
+            self._log(job).info("delivery.duplicate_skipped", remote_id=sent)
+            self.acks.add(Ack(eid, marker, f"done:{sent}"))
+            return
         limits = self.limits(d)
         # claimed with its batch, nothing to charge, and the claim is fresh: send without asking again
         fresh = (
@@ -500,9 +634,19 @@ class Runner:
             if claim.status is ClaimStatus.WAIT:
                 await asyncio.sleep(claim.wait)
                 continue
+            _raise_if_cancelled()
+            if not self._may_send():  # the lease ended while we waited: the next holder sends it
+                raise asyncio.CancelledError
             attempt += 1
             try:
-                remote_id = await self.sink.send(d, SendContext(d, self, budget=self.cfg.claim_idle / 2))
+                self._sending += 1
+                self._sends_idle.clear()
+                try:
+                    remote_id = await self.sink.send(d, SendContext(d, self, budget=self.cfg.claim_idle / 2))
+                finally:
+                    self._sending -= 1
+                    if not self._sending:
+                        self._sends_idle.set()
             except PermanentError as e:
                 if isinstance(e, NoWayBack) and await self._fallback(eid, d, e):
                     return
@@ -520,6 +664,9 @@ class Runner:
             else:
                 self.sent += 1
                 self.acks.add(Ack(eid, marker, f"done:{remote_id}"))
+                self._recent[d.id] = remote_id
+                if len(self._recent) > RECENT:
+                    self._recent.popitem(last=False)
                 return
             log = self._log(job)
             if attempt >= self.cfg.max_attempts:

@@ -75,11 +75,15 @@ class Owner:
 
     instance: str
     id: str
+    #: True for a partition's lease holder: every unfinished claim is ours to take over (its
+    #: previous holder stopped sending when its lease ended; bridge/partitions.py)
+    takes_any: bool = False
 
     @property
     def prefix(self) -> str:
-        """Markers whose value starts with this belong to a life of our instance: ours to take over."""
-        return f"{self.instance}:"
+        """Markers whose value starts with this belong to a life of our instance: ours to take over
+        (every marker, for a lease holder)."""
+        return "" if self.takes_any else f"{self.instance}:"
 
 
 @dataclass(frozen=True, slots=True)

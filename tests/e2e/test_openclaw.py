@@ -27,7 +27,7 @@ import pytest
 from adapters.openclaw.sink import OpenClawSink
 from adapters.wechat import simulate as sim
 from bridge import cli
-from bridge.bus import RUNNER_GROUP, Field
+from bridge.bus import Field
 from bridge.daemon import Daemon
 from bridge.envelope import decode_delivery, stable_id
 from tests.conftest import wait_for
@@ -158,7 +158,7 @@ class Loop:
 
     async def drained(self, sink: str = "claw") -> bool:
         assert self.d.redis is not None and self.d.bus is not None
-        return int((await self.d.redis.xpending(self.d.bus.keys.out(sink), RUNNER_GROUP))["pending"]) == 0
+        return await self.d.bus.out_pending(sink) == 0
 
 
 @pytest.fixture
@@ -202,6 +202,8 @@ async def test_a_long_answer_comes_home_whole_in_numbered_parts(make_loop: Any) 
     loop: Loop = await make_loop()
     group = await loop.group()
     assert await loop.simulate("bot", "tell me everything LONG6000", "--chat", group, "--from", "dave") == 0
+    # "drained" is also true before the first entry is read: wait for the answer's first part first
+    await wait_for(lambda: loop.fake.delivered_to(group), timeout=60)
     await wait_for(loop.drained, timeout=60)
     await wait_for(lambda: loop.drained("wecom"), timeout=30)
     parts = loop.fake.delivered_to(group)
@@ -248,7 +250,7 @@ async def test_a_retried_delivery_does_not_run_the_agent_twice(make_loop: Any) -
     # the runner gets the same delivery again with its done marker gone (a crash between the send
     # and the marker, or `dead replay`): the sink finds the answer in the session's history
     assert loop.d.redis is not None and loop.d.bus is not None
-    [(_, fields)] = await loop.d.redis.xrange(loop.d.bus.keys.out("claw"))
+    [(_, fields)] = [e for s in loop.d.bus.out_streams("claw") for e in await loop.d.redis.xrange(s)]
     delivery = decode_delivery(fields[Field.DELIVERY.key])
     await loop.d.redis.delete(loop.d.bus.keys.mark("claw", delivery.id))
     await loop.d.redis.xadd(loop.d.bus.keys.out("claw"), {Field.DELIVERY: fields[Field.DELIVERY.key]})

@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 
 from adapters.generic.http_sink import sign
-from bridge.bus import RUNNER_GROUP
 from bridge.daemon import Supervisor
 from bridge.envelope import Conversation, make_envelope
 from tests.conftest import CollectSink, wait_for
@@ -172,9 +171,9 @@ async def test_stop_drains_sends_in_flight(write_config: Any, start_daemon: Any)
     import redis.asyncio as aioredis
 
     r = aioredis.Redis.from_url(d.config.redis.url)
-    pending = await r.xpending(d.bus.keys.out("c"), RUNNER_GROUP)
+    pending = await d.bus.out_pending("c", r)
     await r.aclose()
-    assert pending["pending"] == 0
+    assert pending == 0
 
 
 async def test_sd_notify(write_config: Any, start_daemon: Any, tmp_path: Path, monkeypatch: Any) -> None:

@@ -13,7 +13,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from bridge.bus import RUNNER_GROUP, Field
+from bridge.bus import Field
 from bridge.config import load
 from bridge.envelope import Attachment, Conversation, Delivery, encode, make_envelope
 from bridge.errors import ConfigError
@@ -110,7 +110,7 @@ async def dead_letters(d: Any) -> list[dict[bytes, bytes]]:
 
 
 async def drained(d: Any) -> bool:
-    return int((await d.redis.xpending(d.bus.keys.out("app"), RUNNER_GROUP))["pending"]) == 0
+    return bool(await d.bus.out_pending("app") == 0)
 
 
 async def create_chat(fake: Any, chatid: str = "wrOps", users: tuple[str, ...] = ("alice", "bob")) -> str:
