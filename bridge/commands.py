@@ -169,15 +169,16 @@ class Commands:
         return out
 
     async def _queue(self, sink: str) -> int:
-        try:
-            groups = await self.bus.redis.xinfo_groups(self.bus.keys.out(sink))
-        except Exception:  # no stream yet
-            return 0
-        for g in groups:
-            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-            if name == RUNNER_GROUP:
-                return int(g.get("pending") or 0) + int(g.get("lag") or 0)
-        return 0
+        """Deliveries of ``sink`` read and not sent yet, or not read yet, over all its partitions."""
+        total = 0
+        for stream in self.bus.out_streams(sink):
+            if not await self.bus.redis.exists(stream):  # nothing sent there yet
+                continue
+            for g in await self.bus.redis.xinfo_groups(stream):
+                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                if name == RUNNER_GROUP:
+                    total += int(g.get("pending") or 0) + int(g.get("lag") or 0)
+        return total
 
     async def _status(self, env: Envelope) -> str:
         gen = int(await self.bus.redis.get(self.gen_key(env)) or 0)

@@ -126,9 +126,24 @@ async def send(d: Daemon, source: str, conv: str, text: str, *, sender: str = "a
 
 
 async def settle(d: Daemon) -> None:
-    """Every message published so far has been judged: a marker went through the open inbound."""
+    """Every message published so far has been judged and its deliveries sent: a marker went through
+    the open inbound, and then the router's and the sinks' groups have nothing unread or unacked."""
     mark = await send(d, "open", "marker", "marker")
     await wait_for(lambda: any(x.envelope.id == mark for x in agent()))
+    await wait_for(lambda: _idle(d), timeout=20)
+
+
+async def _idle(d: Daemon) -> bool:
+    assert d.bus is not None and d.redis is not None
+    streams = [(d.bus.keys.inbound, "router")]
+    streams += [(s, "runner") for sink in ("agent", "back") for s in d.bus.out_streams(sink)]
+    for stream, group in streams:
+        if not await d.redis.exists(stream):
+            continue
+        for g in await d.redis.xinfo_groups(stream):
+            if g["name"].decode() == group and (int(g["pending"]) or int(g.get("lag") or 0)):
+                return False
+    return True
 
 
 #: the daemons of the running test (a sink's deliveries may be sent by any of them)
