@@ -16,6 +16,8 @@ every key one script touches lives in one slot):
 ``P:{state}:<adapter>:<key>``         small adapter state (tokens, cursors)
 ``P:{draft}:<envelope>``              the reply to an envelope so far (streamed answers), short TTL
 ``P:{lease:<name>}``                  a fenced lease ``<owner>|<fence>`` (``…:fence``: its counter)
+``P:{instances}``                     set: instance names that sent a heartbeat (``bridge.status``)
+``P:{instances}:<instance>``          an instance's heartbeat (JSON), with a TTL
 ``P:{members}``                       sorted set: live instances → last heartbeat (unix ms)
 ====================================  =========================================================
 
@@ -41,7 +43,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.envelope import Delivery, Envelope, encode
 from bridge.errors import BusUnavailable
-from bridge.scripts import Publish, Scripts
+from bridge.metrics import DISCARD, Metrics
+from bridge.scripts import NotReplicated, Publish, Scripts
 
 T = TypeVar("T")
 
@@ -87,22 +90,97 @@ def connect(url: str, socket_timeout: float = 3.0) -> Any:
 
     redis-py's default (10 retries with back-off up to 10 s) would hold a WeChat callback past its
     5 s deadline; we would rather answer 503 at once and let the platform retry.
+
+    The URL picks the client: ``redis://``, ``rediss://``, ``unix://`` one Redis;
+    ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS) a Redis Cluster, found from that
+    node (redis-py's cluster client: every key lands on its slot's master; the bus's hash tags keep
+    each script on one slot); ``redis+sentinel://host:port[,host:port…]/<service>[/<db>]`` the master
+    Sentinel names for ``<service>``, found again after a fail-over (a password in the URL is the
+    master's).
     """
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import ConstantBackoff
 
+    retry = Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,))
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(
+            url.replace("+cluster", "", 1),
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=retry,
+        )
+    if url.startswith("redis+sentinel://"):
+        return _sentinel(url, socket_timeout, retry)
     client = aioredis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         health_check_interval=30,
-        retry=Retry(ConstantBackoff(0.05), 1, supported_errors=(RedisConnectionError,)),
+        retry=retry,
     )
     pool = client.connection_pool
     pool.connection_class = _hiredis_packing(pool.connection_class)
     return client
 
+
+def _sentinel(url: str, socket_timeout: float, retry: Any) -> Any:
+    """The master of ``redis+sentinel://[:password@]host:port[,host:port…]/<service>[/<db>]``."""
+    from urllib.parse import unquote, urlsplit
+
+    from redis.asyncio.sentinel import Sentinel
+
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    nodes: list[tuple[str, int]] = []
+    for hp in hosts.split(","):
+        host, _, port = hp.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"redis.url: {hp!r} is not host:port (redis+sentinel://host:port/<service>)")
+        nodes.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("redis.url: redis+sentinel://host:port[,host:port]/<service>[/<db>]: no service")
+    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+                            "retry": retry, "db": int(path[1]) if len(path) == 2 else 0}  # fmt: skip
+    if parts.password:
+        opts["password"] = unquote(parts.password)
+    if parts.username:
+        opts["username"] = unquote(parts.username)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        nodes, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+    )
+    client = sentinel.master_for(path[0], redis_class=_SentinelMaster, **opts)
+    client.sentinels = list(sentinel.sentinels)
+    return client
+
+
+def _sentinel_master_class() -> type:
+    import redis.asyncio as aioredis
+
+    class SentinelMaster(aioredis.Redis):
+        """The master's client; closing it also closes the clients of the Sentinels it asked."""
+
+        sentinels: list[Any] = []  # noqa: RUF012 - set per instance by _sentinel
+
+        async def aclose(self, close_connection_pool: bool | None = None) -> None:
+            await super().aclose(close_connection_pool)
+            for s in self.sentinels:
+                await s.aclose()
+
+    return SentinelMaster
+
+
+def is_cluster(redis: Any) -> bool:
+    """True when ``redis`` is a Redis Cluster client (``redis+cluster://``)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(redis, RedisCluster)
+
+
+_SentinelMaster = _sentinel_master_class()
 
 _PACKING: dict[type, type] = {}
 
@@ -182,6 +260,14 @@ class Keys:
         """A fenced lease (``bridge.lease``); its fence counter is ``lease(name) + ":fence"``."""
         return f"{self.prefix}:{{lease:{name}}}"
 
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}:{{instances}}"
+
+    def instance(self, name: str) -> str:
+        """An instance's heartbeat (``bridge.status.Heartbeat``), in the slot of :attr:`instances`."""
+        return f"{self.prefix}:{{instances}}:{name}"
+
     def draft(self, envelope_id: str) -> str:
         return f"{self.prefix}:{{draft}}:{envelope_id}"
 
@@ -224,6 +310,10 @@ class Bus:
         self.dead_maxlen = dead_maxlen
         self.dedupe_ttl = dedupe_ttl
         self.scripts = Scripts(redis)
+        #: ``[redis] wait_replicas``: (replicas, timeout ms) a publish waits for (WAIT), or None
+        self.wait: tuple[int, int] | None = None
+        #: published / deduplicated per source are counted here (the daemon sets its own)
+        self.metrics: Metrics = DISCARD
         #: partitions per sink (bridge/partitions.py); a sink not named here has one, its stream
         self.partitions: dict[str, int] = {}
         #: publishes waiting for the batch on the wire to come back: (marker, payload, ttl, future)
@@ -252,7 +342,9 @@ class Bus:
         self._queue.append((marker, encode(env), ttl if dedupe_key else 0, fut))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_publishes())
-        return await fut
+        stored = await fut
+        (self.metrics.published if stored else self.metrics.deduplicated).labels(env.source).inc()
+        return stored
 
     async def _flush_publishes(self) -> None:
         loop = asyncio.get_running_loop()
@@ -266,8 +358,9 @@ class Bus:
                     batch, self._queue = self._queue, []
                     self._last_flush = loop.time()
                     flags = await self.scripts.publish_many(
-                        self.keys.inbound, self.maxlen, [Publish(m, p, ttl) for m, p, ttl, _ in batch]
-                    )
+                        self.keys.inbound, self.maxlen, [Publish(m, p, ttl) for m, p, ttl, _ in batch],
+                        wait=self.wait,
+                    )  # fmt: skip
                 except asyncio.CancelledError:
                     for *_, fut in batch + self._queue:
                         fut.cancel()
@@ -276,7 +369,8 @@ class Bus:
                 except Exception as e:
                     for *_, fut in batch:
                         if not fut.done():
-                            fut.set_exception(BusUnavailable(str(e)) if isinstance(e, UNAVAILABLE) else e)
+                            gone = isinstance(e, (*UNAVAILABLE, NotReplicated))
+                            fut.set_exception(BusUnavailable(str(e)) if gone else e)
                     continue
                 for (*_, fut), flag in zip(batch, flags, strict=True):
                     if not fut.done():
@@ -354,7 +448,7 @@ class Bus:
         pipe: Any = self.redis.pipeline(transaction=False)
         if before is not None:
             before(pipe)
-        n = len(pipe.command_stack)
+        n = len(pipe)
         pipe.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
         if after is not None:
             after(pipe)
@@ -433,3 +527,4 @@ class Bus:
             pipe.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)
         else:
             await self.redis.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)
+        self.metrics.dead_lettered.labels(origin[4:] if origin.startswith("out:") else "router").inc()

@@ -1,4 +1,4 @@
-"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, dead, pairing.
+"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, status, dead, pairing.
 
 Every command takes ``--config F`` (default ``$WECHAT_BRIDGE_CONFIG``, then ``./bridge.toml``). On
 the embedded default the commands talk to the running daemon's Redis through its socket.
@@ -19,12 +19,14 @@ import msgspec
 
 from bridge import logging as blog
 from bridge.adapter import Registry
-from bridge.bus import ROUTER_GROUP, RUNNER_GROUP, Bus, Field, Keys, connect
+from bridge.bus import Bus, Field, Keys, connect
 from bridge.config import Config, load
+from bridge.dead import DeadLetters
 from bridge.embedded_redis import client_url
-from bridge.envelope import Conversation, Sender, decode_delivery, make_envelope
+from bridge.envelope import Conversation, Sender, make_envelope
 from bridge.errors import ConfigError, EmbeddedRedisError
 from bridge.redact import masked
+from bridge.status import snapshot, table
 
 #: a sub-command contributed by the adapters: (configure its parser, run it)
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Config], int]]
@@ -138,87 +140,60 @@ def cmd_inject(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_inject(cfg, args))
 
 
-async def _status(cfg: Config) -> int:
+async def _status(cfg: Config, as_json: bool, scan: bool) -> int:
     r = _redis(cfg)
-    keys = Keys(cfg.redis.prefix)
-    out: dict[str, Any] = {"instance": cfg.bridge.instance, "streams": {}}
     try:
-        streams = [("inbound", keys.inbound, ROUTER_GROUP), ("dead", keys.dead, None)]
-        streams += [
-            (f"out:{o.name}" + (f":p{n}" if n else ""), keys.partition(o.name, n), RUNNER_GROUP)
-            for o in cfg.outbound
-            for n in range(o.partitions)
-        ]
-        for name, key, group in streams:
-            row: dict[str, Any] = {"length": await r.xlen(key)}
-            if group:
-                groups = {g["name"].decode(): g for g in await r.xinfo_groups(key)} if row["length"] else {}
-                g = groups.get(group)
-                row["pending"] = int(g["pending"]) if g else 0
-                row["lag"] = g.get("lag") if g else 0
-                if g:
-                    consumers = await r.xinfo_consumers(key, group)
-                    row["consumers"] = {
-                        c["name"].decode(): {"pending": c["pending"], "idle_ms": c["idle"]} for c in consumers
-                    }
-            out["streams"][name] = row
+        partitions = {o.name: o.partitions for o in cfg.outbound}
+        snap = await snapshot(r, Keys(cfg.redis.prefix), list(partitions), partitions=partitions, scan=scan)
     finally:
         await r.aclose()
-    print(json.dumps(out, indent=2))
+    print(json.dumps(snap.to_json(), indent=2) if as_json else table(snap))
     return 0
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    return asyncio.run(_status(cfg))
+    as_json = args.json or not (args.table or sys.stdout.isatty())
+    return asyncio.run(_status(cfg, as_json, args.scan))
 
 
-async def _replay(cfg: Config, ids: list[str], replay_all: bool) -> int:
-    """Send dead letters again: clear their idempotency marker, re-add to the sink's stream, remove."""
+async def _dead(cfg: Config, args: argparse.Namespace) -> int:
     r = _redis(cfg)
-    keys = Keys(cfg.redis.prefix)
-    replayed = 0
+    bus = _bus(cfg, r)
+    dead = DeadLetters(r, bus.keys, maxlen=cfg.redis.stream_maxlen, stream_of=bus.stream_of)
     try:
-        entries = (
-            await r.xrange(keys.dead)
-            if replay_all
-            else [e for i in ids for e in await r.xrange(keys.dead, i, i)]
-        )
-        if not replay_all and len(entries) != len(ids):
-            found = {e[0].decode() for e in entries}
-            print(f"error: no dead letter {', '.join(i for i in ids if i not in found)}", file=sys.stderr)
-            return 1
-        for eid, fields in entries:
-            raw = fields.get(Field.DELIVERY.key, b"")
-            try:
-                d = decode_delivery(raw)
-            except ValueError:
-                print(f"skipped {eid.decode()}: not a delivery (an undecodable entry)", file=sys.stderr)
-                continue
-            if cfg.outbound_by_name(d.sink) is None:
-                print(f"skipped {eid.decode()}: no outbound named {d.sink!r} in the config", file=sys.stderr)
-                continue
-            pipe = r.pipeline(transaction=False)
-            pipe.delete(keys.mark(d.sink, d.id))
-            fields = {Field.DELIVERY: raw, Field.DELIVERY_ID: d.id}
-            # to its conversation's partition, after what is queued there (bridge/partitions.py)
-            stream = _bus(cfg, r).stream_of(d)
-            pipe.xadd(stream, fields, maxlen=cfg.redis.stream_maxlen, approximate=True)
-            pipe.xdel(keys.dead, eid)
-            await pipe.execute()
-            replayed += 1
+        if args.action == "list":
+            for dl in await dead.oldest(args.count):
+                print(json.dumps(dl.summary(), ensure_ascii=False))
+            return 0
+        if args.action == "show":
+            if len(args.ids) != 1:
+                print("error: dead show: give one dead-letter id (from `dead list`)", file=sys.stderr)
+                return 2
+            [dl] = await dead.get(args.ids)
+            print(json.dumps(dl.full(), indent=2, ensure_ascii=False))
+            return 0
+        if bool(args.ids) == bool(args.all):
+            what = f"dead {args.action}: give dead-letter ids (from `dead list`) or --all"
+            print(f"error: {what}", file=sys.stderr)
+            return 2
+        if args.action == "purge":
+            print(json.dumps({"purged": await dead.purge(None if args.all else args.ids)}))
+            return 0
+        letters = await dead.oldest() if args.all else await dead.get(args.ids)
+        res = await dead.replay(letters, {o.name for o in cfg.outbound})
+        for eid, why in res.skipped.items():
+            print(f"skipped {eid}: {why}", file=sys.stderr)
+        print(json.dumps({"replayed": len(res.replayed), "skipped": len(res.skipped)}))
+        return 0
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
     finally:
         await r.aclose()
-    print(json.dumps({"replayed": replayed}))
-    return 0
 
 
 def cmd_dead(args: argparse.Namespace, cfg: Config) -> int:
-    if args.action == "list":
-        return asyncio.run(_tail(cfg, "dead", args.count))
-    if not args.ids and not args.all:
-        print("error: dead replay: give dead-letter ids (from `dead list`) or --all", file=sys.stderr)
-        return 2
-    return asyncio.run(_replay(cfg, args.ids, args.all))
+    return asyncio.run(_dead(cfg, args))
 
 
 async def _pairing(cfg: Config, args: argparse.Namespace) -> int:
@@ -287,12 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--title", default=None)
     i.add_argument("--group", action="store_true", help="the conversation is a group")
     i.add_argument("--mention", action="store_true", help="the message mentions the bot")
-    add("status", cmd_status, "stream lengths, pending entries and consumers")
-    dl = add("dead", cmd_dead, "list dead letters, or send them again")
-    dl.add_argument("action", choices=["list", "replay"])
-    dl.add_argument("ids", nargs="*", help="dead-letter ids to replay")
-    dl.add_argument("--all", action="store_true", help="replay every dead letter")
-    dl.add_argument("--count", "-n", type=int, default=20)
+    st = add("status", cmd_status, "streams, lag, pending, dead letters, live instances, lease holders")
+    fmt = st.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON (the default when not on a terminal)")
+    fmt.add_argument("--table", action="store_true", help="tables (the default on a terminal)")
+    st.add_argument("--scan", action="store_true",
+                    help="also find leases no live instance names (SCANs the whole keyspace)")  # fmt: skip
+    dl = add("dead", cmd_dead, "list, show, replay or purge dead letters")
+    dl.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dl.add_argument("ids", nargs="*", help="dead-letter ids (from `dead list`)")
+    dl.add_argument("--all", action="store_true", help="replay or purge every dead letter")
+    dl.add_argument("--count", "-n", type=int, default=None, help="list: at most this many, oldest first")
     pr = add("pairing", cmd_pairing, "DM pairing: list codes and paired senders, approve a code, revoke")
     pr.add_argument("action", choices=["list", "approve", "revoke"])
     pr.add_argument("arg", nargs="*", help="approve: the CODE the sender got; revoke: the SENDER id")

@@ -21,6 +21,9 @@ import msgspec
 from bridge import egress
 from bridge.errors import ConfigError
 
+#: ``[redis] url`` schemes (``bridge.bus.connect`` picks the client by them)
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://")
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PLACEHOLDER_RE = re.compile(r"CHANGE_?ME|REPLACE_?ME|<your[ _-]", re.IGNORECASE)
@@ -118,6 +121,11 @@ class RedisSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedupe_ttl: int = 86_400
     #: seconds; keep it well under WeChat's 5 s callback deadline (and above 1 s, the read block)
     socket_timeout: float = 3.0
+    #: an inbound answers success only once this many replicas confirmed its envelope (WAIT);
+    #: 0: once the master has it. Not with redis+cluster:// (see README, "Redis topologies")
+    wait_replicas: int = 0
+    #: milliseconds a publish waits for those replicas; fewer in time: the inbound answers 503
+    wait_timeout_ms: int = 1000
 
 
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -425,8 +433,15 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
     if not NAME_RE.match(bridge.instance):
         raise ConfigError(f"{file}: bridge.instance: letters, digits, '_', '-', '.' only")
     redis = convert(section("redis"), RedisSection, "redis", file)
-    if redis.url is not None and not redis.url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{file}: redis.url: expected redis://, rediss:// or unix://")
+    if redis.url is not None and not redis.url.startswith(SCHEMES):
+        raise ConfigError(f"{file}: redis.url: expected {', '.join(SCHEMES)}")
+    if redis.wait_replicas < 0 or redis.wait_timeout_ms <= 0:
+        raise ConfigError(f"{file}: redis.wait_replicas must be ≥ 0 and redis.wait_timeout_ms > 0")
+    if redis.wait_replicas and (redis.url or "").startswith(("redis+cluster://", "rediss+cluster://")):
+        raise ConfigError(
+            f"{file}: redis.wait_replicas: not supported on a Redis Cluster (the cluster client cannot "
+            "send WAIT on the connection that wrote); use a single Redis or Sentinel for it"
+        )
     if not NAME_RE.match(redis.prefix):
         raise ConfigError(f"{file}: redis.prefix: letters, digits, '_', '-', '.' only")
     http = convert(section("http"), HttpSection, "http", file)

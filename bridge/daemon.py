@@ -26,10 +26,13 @@ from bridge.egress import Egress
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import ConfigError
 from bridge.files import private_dir
+from bridge.lease import LIVE as LIVE_LEASES
 from bridge.lease import Lease
 from bridge.listener import Listener, install_accept_guard
+from bridge.metrics import Metrics
 from bridge.partitions import Members, Partitions, SinkRunners, Worker
 from bridge.router import Router, plan
+from bridge.status import Heartbeat, gauge, snapshot
 from bridge.web import Counters, build_admin_app, build_app
 
 log = blog.get("daemon")
@@ -86,6 +89,40 @@ def sd_notify(message: str) -> bool:
 
 async def _unfreeze_gc() -> None:
     gc.unfreeze()
+
+
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def persistence_risk(conf: dict[str, str]) -> tuple[str, str] | None:
+    """What a Redis with these settings (``appendonly``, ``appendfsync``, ``save``) can lose of the
+    writes it acknowledged — the callbacks the bridge answered 200 — as (log event, hint); None when
+    every acknowledged write is on disk (``appendfsync always``)."""
+    aof = conf.get("appendonly", "no")
+    save = conf.get("save", "").strip()
+    if aof != "yes":
+        if not save:
+            return ("redis.no_persistence",
+                    "appendonly no and no save rules: this Redis keeps nothing on disk; every accepted "
+                    "message not yet delivered is lost when Redis restarts. Set appendonly yes "
+                    "(appendfsync always to lose nothing acknowledged)")  # fmt: skip
+        return ("redis.snapshot_only",
+                f"appendonly no, RDB snapshots only (save {save!r}): a Redis crash or restart loses "
+                "every message accepted since the last snapshot (up to the save interval). Set "
+                "appendonly yes")  # fmt: skip
+    fsync = conf.get("appendfsync", "everysec")
+    if fsync == "always":
+        return None
+    if fsync == "everysec":
+        return ("redis.fsync_everysec",
+                "appendonly yes, appendfsync everysec: a crash of the machine Redis runs on (power "
+                "loss, kernel panic) loses up to ~1 s (at worst 2 s) of accepted messages; a crash of "
+                "the Redis process alone loses nothing. appendfsync always closes the window")  # fmt: skip
+    return ("redis.fsync_os",
+            f"appendonly yes, appendfsync {fsync}: the OS flushes the AOF when it likes (about every "
+            "30 s on Linux): a machine crash loses up to that much of the accepted messages. Use "
+            "appendfsync everysec or always")  # fmt: skip
 
 
 class Supervisor:
@@ -241,6 +278,9 @@ class Daemon:
         self.port: int | None = None
         self._options: dict[str, Any] = {}
         self._stop_requested = asyncio.Event()
+        self.metrics = Metrics()
+        self.heartbeat: Heartbeat | None = None
+        self._crashes_counted: dict[str, int] = {}
 
     # -- start-up: small named steps, each registering its own undo ----------------------------------
 
@@ -252,6 +292,7 @@ class Daemon:
             Step("adapters", self._start_adapters),
             Step("http_client", self._own_http_client),
             Step("workers", self._start_workers),
+            Step("heartbeat", self._start_heartbeat),
             Step("web", self._serve_http),
             Step("watchdog", self._start_watchdog),
             Step("freeze_gc", self._freeze_gc),
@@ -288,6 +329,9 @@ class Daemon:
             dead_maxlen=cfg.redis.dead_maxlen,
             dedupe_ttl=cfg.redis.dedupe_ttl,
         )
+        self.bus.metrics = self.metrics
+        if cfg.redis.wait_replicas:
+            self.bus.wait = (cfg.redis.wait_replicas, cfg.redis.wait_timeout_ms)
         try:
             await self.redis.ping()
             await self._check_persistence()
@@ -350,6 +394,19 @@ class Daemon:
             if src.long_running:
                 self.supervisor.spawn(f"source:{name}", src.run)
 
+    async def _start_heartbeat(self) -> None:
+        """This instance's heartbeat (``wechat-bridge status`` lists live instances by it)."""
+        self.heartbeat = Heartbeat(
+            self.redis, Keys(self.config.redis.prefix), self.instance, leases=self._lease_names
+        )
+        self.supervisor.spawn("heartbeat", self.heartbeat.run)
+        self.lifecycle.on_stop("heartbeat", self._stop_heartbeat)
+
+    async def _stop_heartbeat(self) -> None:
+        self.supervisor.cancel("heartbeat")
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+
     def _make_router(self, _n: int, lease: Lease) -> Router:
         assert self.bus is not None
         self.router = Router(self.config, self.bus, self.instance, lease=lease, gate=self.gate)
@@ -368,6 +425,7 @@ class Daemon:
             self,
             max_body=http.max_body,
             routes=[(name, src.routes()) for name, src in self.sources.items()],
+            metrics=self.metrics,
             admin=admin_at is None,
             body_timeout=http.body_timeout,
         )
@@ -429,20 +487,17 @@ class Daemon:
                  sinks=list(self.sinks), routes=len(self.config.routes), loop=loop)  # fmt: skip
 
     async def _check_persistence(self) -> None:
-        """Warn when Redis keeps nothing on disk: then "stored" does not survive a Redis restart."""
+        """Warn when the Redis we use could lose writes it acknowledged, saying what and when."""
+        conf: dict[str, str] = {}
         try:
-            conf = await self.redis.config_get("appendonly")
-            conf.update(await self.redis.config_get("save"))
+            for name in ("appendonly", "appendfsync", "save"):
+                for k, v in (await self.redis.config_get(name)).items():
+                    conf[_text(k)] = _text(v)
         except Exception:  # managed Redis often forbids CONFIG: nothing to say then
             return
-        aof = conf.get(b"appendonly", conf.get("appendonly"))
-        save = conf.get(b"save", conf.get("save"))
-        if aof in (b"no", "no") and save in (b"", ""):
-            log.warning(
-                "redis.no_persistence",
-                hint="this Redis keeps nothing on disk: set appendonly yes, or accepted messages "
-                "are lost when Redis restarts",
-            )
+        risk = persistence_risk(conf)
+        if risk is not None:
+            log.warning(risk[0], hint=risk[1])
 
     def _http(self) -> aiohttp.ClientSession:
         if self.http_session is None or self.http_session.closed:
@@ -499,6 +554,40 @@ class Daemon:
             dead={name: r.dead for name, r in self.runners.items()},
             task_crashes=dict(self.supervisor.crashes),
         )
+
+    def _leases(self) -> list[Lease]:
+        """The leases of this daemon (those made on its Redis client)."""
+        return [le for le in LIVE_LEASES if le.redis is self.redis]
+
+    def _lease_names(self) -> list[str]:
+        return [le.name for le in self._leases()]
+
+    async def exposition(self) -> bytes:
+        """/metrics: the counters as counted, the Redis gauges read now (``redis_up`` 0 when it
+        did not answer within 2 s)."""
+        m = self.metrics
+        for task, n in self.supervisor.crashes.items():
+            if n > self._crashes_counted.get(task, 0):
+                m.task_crashes.labels(task).inc(n - self._crashes_counted.get(task, 0))
+                self._crashes_counted[task] = n
+        mine = self._leases()
+        snap = None
+        try:
+            assert self.redis is not None
+            snap = await asyncio.wait_for(
+                snapshot(
+                    self.redis,
+                    Keys(self.config.redis.prefix),
+                    self.sinks,
+                    [le.name for le in mine],
+                    partitions={o.name: o.partitions for o in self.config.outbound},
+                ),
+                2.0,
+            )
+        except Exception as e:
+            log.warning("metrics.redis_unavailable", error=type(e).__name__)
+        gauge(m, snap, [(le.name, le.held) for le in mine])
+        return m.render()
 
     def request_stop(self) -> None:
         self._stop_requested.set()

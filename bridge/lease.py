@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from typing import Any
 
 from bridge import logging as blog
@@ -25,6 +26,10 @@ from bridge.lua import source
 
 #: a holder stops trusting its lease this long before the earliest moment Redis may expire it
 SAFETY = 0.1
+
+
+#: every Lease object alive in this process (/metrics shows which ones this instance holds)
+LIVE: weakref.WeakSet[Lease] = weakref.WeakSet()
 
 
 class Lease:
@@ -50,6 +55,7 @@ class Lease:
         self._release = redis.register_script(source("lease_release"))
         self._guarded_set = redis.register_script(source("lease_guarded_set"))
         self.log = blog.get("lease", lease=name)
+        LIVE.add(self)
 
     @property
     def held(self) -> bool:

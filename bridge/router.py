@@ -184,6 +184,7 @@ class Router:
                 if entries is None:  # stopped mid-read: the writes and acks are written again below
                     break
                 self.routed += len(out)
+                self.bus.metrics.count_routed(out)
                 acks, routed, out = routed, [], []
                 if start != ">":
                     if not entries:
@@ -205,6 +206,7 @@ class Router:
                 if out:
                     await self.bus.add_deliveries(out)
                     self.routed += len(out)
+                    self.bus.metrics.count_routed(out)
                 acks += routed
             with contextlib.suppress(Exception):
                 if acks:

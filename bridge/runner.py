@@ -527,6 +527,7 @@ class Runner:
             elif claim.status is ClaimStatus.DONE:
                 self.log.info("delivery.duplicate_skipped", delivery=job.d.id, entry=job.eid,
                               remote_id=claim.remote_id)  # fmt: skip
+                self.bus.metrics.duplicate_skipped.labels(self.cfg.name).inc()
                 self.acks.add(Ack(job.eid))
                 continue
             self._enqueue(job)
@@ -626,18 +627,21 @@ class Runner:
                     continue
             if claim.status is ClaimStatus.DONE:
                 self._log(job).info("delivery.duplicate_skipped", remote_id=claim.remote_id)
+                self.bus.metrics.duplicate_skipped.labels(self.cfg.name).inc()
                 self.acks.add(Ack(eid))
                 return
             if claim.status is ClaimStatus.BUSY:  # another live instance is sending this delivery now
                 await asyncio.sleep(min(max(claim.wait, 0.1), 5.0))
                 continue
             if claim.status is ClaimStatus.WAIT:
+                self.bus.metrics.rate_limit_wait.labels(self.cfg.name).inc(claim.wait)
                 await asyncio.sleep(claim.wait)
                 continue
             _raise_if_cancelled()
             if not self._may_send():  # the lease ended while we waited: the next holder sends it
                 raise asyncio.CancelledError
             attempt += 1
+            started, t0 = time.time(), time.monotonic()
             try:
                 self._sending += 1
                 self._sends_idle.clear()
@@ -663,6 +667,7 @@ class Runner:
                 retry_after = None
             else:
                 self.sent += 1
+                self.bus.metrics.count_sent(self.cfg.name, d, started, time.monotonic() - t0)
                 self.acks.add(Ack(eid, marker, f"done:{remote_id}"))
                 self._recent[d.id] = remote_id
                 if len(self._recent) > RECENT:
@@ -674,6 +679,7 @@ class Runner:
                 return
             delay = self.backoff(attempt) if retry_after is None else max(retry_after, 0.0)
             log.warning("delivery.retry", attempt=attempt, delay=round(delay, 3), reason=reason)
+            self.bus.metrics.retried.labels(self.cfg.name).inc()
             await self._sleep(delay, d)
 
     def _log(self, job: _Job) -> Any:
@@ -746,6 +752,7 @@ class Runner:
                 return
             if time.monotonic() + wait > deadline:
                 raise RetryableError(f"{progress}; waiting for quota before the next part", wait)
+            self.bus.metrics.rate_limit_wait.labels(self.cfg.name).inc(wait)
             await asyncio.sleep(wait)
 
     async def draft(self, envelope_id: str, text: str) -> None:

@@ -105,6 +105,10 @@ class Publish:
     ttl: int
 
 
+class NotReplicated(Exception):
+    """``[redis] wait_replicas``: the write reached the master but not enough replicas in time."""
+
+
 def _str(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
@@ -113,6 +117,7 @@ class Scripts:
     """The scripts registered on one Redis client (EVALSHA, reloaded by redis-py when Redis lost them)."""
 
     def __init__(self, redis: Any) -> None:
+        self._redis = redis
         self._publish_many = redis.register_script(PUBLISH_MANY)
         self._add_deliveries = redis.register_script(ADD_DELIVERIES)
         self._claim_send = redis.register_script(CLAIM_SEND)
@@ -120,14 +125,28 @@ class Scripts:
 
     # -- publish_many.lua ------------------------------------------------------------------------
 
-    async def publish_many(self, stream: str, maxlen: int, items: Sequence[Publish]) -> list[bool]:
-        """Store ``items`` on ``stream`` in order; per item True when stored, False for a duplicate."""
+    async def publish_many(
+        self, stream: str, maxlen: int, items: Sequence[Publish], *, wait: tuple[int, int] | None = None
+    ) -> list[bool]:
+        """Store ``items`` on ``stream`` in order; per item True when stored, False for a duplicate.
+
+        ``wait`` (replicas, timeout ms): then the call is followed, on the same connection, by
+        ``WAIT`` for that many replicas to confirm it; fewer within the timeout raises
+        :class:`NotReplicated` (the items are stored on the master, maybe not on a replica)."""
         keys = [stream]
         args: list[Any] = [maxlen]
         for it in items:
             keys.append(it.marker)
             args += [it.payload, it.ttl]
-        res = await self._publish_many(keys=keys, args=args)
+        if wait is None:
+            res = await self._publish_many(keys=keys, args=args)
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.eval(PUBLISH_MANY, len(keys), *keys, *args)
+            pipe.wait(*wait)
+            res, replicas = await pipe.execute()
+            if int(replicas) < wait[0]:
+                raise NotReplicated(f"{replicas} of {wait[0]} replicas confirmed within {wait[1]} ms")
         flags = [bool(int(x)) for x in res]
         if len(flags) != len(items):
             raise RuntimeError(f"publish: {len(flags)} answers for {len(items)} envelopes")

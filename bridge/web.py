@@ -18,12 +18,12 @@ from typing import Protocol
 from aiohttp import web
 
 from bridge import logging as blog
-from bridge import refusals
 from bridge.adapter import Handler, HttpRoute
 from bridge.bus import UNAVAILABLE
 from bridge.errors import BusUnavailable
 from bridge.limits import BODY_TIMEOUT_KEY
 from bridge.listener import request_in_progress
+from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.redact import scrub
 
 log = blog.get("web")
@@ -31,7 +31,8 @@ log = blog.get("web")
 
 @dataclass(frozen=True)
 class Counters:
-    """What /metrics shows: messages routed, sent and dead-lettered per sink, crashes per task."""
+    """A daemon's counts at a glance (tests, bench): routed, sent and dead-lettered per sink, crashes
+    per task. /metrics shows these and much more (:mod:`bridge.metrics`)."""
 
     routed: int = 0
     sent: Mapping[str, int] = field(default_factory=dict)
@@ -51,8 +52,8 @@ class Status(Protocol):
         """What is not ready, by name, and why (empty when all is)."""
         ...
 
-    def counters(self) -> Counters:
-        """The counters /metrics shows, as they are now."""
+    async def exposition(self) -> bytes:
+        """The Prometheus exposition /metrics serves, its Redis gauges refreshed now."""
         ...
 
 
@@ -78,20 +79,16 @@ def guarded(handler: Handler) -> Handler:
     return guard
 
 
-def render_metrics(c: Counters) -> str:
-    """The Prometheus text format of ``c``."""
-    lines = [
-        "# TYPE wechat_bridge_routed_total counter",
-        f"wechat_bridge_routed_total {c.routed}",
-        "# TYPE wechat_bridge_sent_total counter",
-        "# TYPE wechat_bridge_dead_total counter",
-    ]
-    for name, sent in c.sent.items():
-        lines.append(f'wechat_bridge_sent_total{{sink="{name}"}} {sent}')
-        lines.append(f'wechat_bridge_dead_total{{sink="{name}"}} {c.dead.get(name, 0)}')
-    for name, n in c.task_crashes.items():
-        lines.append(f'wechat_bridge_task_crashes_total{{task="{name}"}} {n}')
-    return "\n".join(lines) + "\n" + refusals.render()
+def counted(name: str, handler: Handler, metrics: Metrics) -> Handler:
+    """``handler`` of inbound ``name``, counting the requests it received (its refusals are counted
+    by :mod:`bridge.refusals`, with their reason)."""
+    received = metrics.received.labels(name)
+
+    async def count(request: web.Request) -> web.StreamResponse:
+        received.inc()
+        return await handler(request)
+
+    return count
 
 
 #: what every answer says in its ``Server`` header (aiohttp's default names Python's and its version)
@@ -120,11 +117,12 @@ def _add_admin_routes(app: web.Application, status: Status) -> None:
         body = {"ready": not problems, "instance": status.instance, "not_ready": problems}
         return web.json_response(body, status=200 if not problems else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=render_metrics(status.counters()), content_type="text/plain")
+    async def prometheus(_: web.Request) -> web.Response:
+        body = await status.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/readyz", guarded(readyz))
-    app.router.add_get("/metrics", guarded(metrics))
+    app.router.add_get("/metrics", guarded(prometheus))
 
 
 def build_admin_app(status: Status) -> web.Application:
@@ -142,10 +140,12 @@ def build_app(
     routes: Iterable[tuple[str, Sequence[HttpRoute]]] = (),
     admin: bool = True,
     body_timeout: float | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The app: /healthz, each inbound's routes (``routes``: by inbound name) and, with ``admin``
     (no separate admin listener), /readyz and /metrics; ``body_timeout``: the body read deadline of
-    its inbounds (:func:`bridge.limits.read_capped`).
+    its inbounds (:func:`bridge.limits.read_capped`); each inbound's requests counted in ``metrics``
+    when given.
 
     Two inbounds claiming the same method and path is a configuration error naming both."""
     app = _app(max_body, body_timeout)
@@ -159,5 +159,6 @@ def build_app(
             if key in taken:
                 raise ValueError(f"inbound.{name}.path: {route.path} is already served by {taken[key]}")
             taken[key] = name
-            app.router.add_route(route.method, route.path, guarded(route.handler))
+            handler = route.handler if metrics is None else counted(name, route.handler, metrics)
+            app.router.add_route(route.method, route.path, guarded(handler))
     return app

@@ -17,6 +17,7 @@ sync.lua               acks (done markers, XACK) + claims, batched     ``bridge.
 claim_send.lua         claim just before a send and charge the rates   ``bridge.scripts.Scripts``
 gcra_acquire.lua       charge rates alone (further parts of a reply)   ``bridge.ratelimit.Limiter``
 lease_*.lua            fenced leases                                   ``bridge.lease.Lease``
+replay.lua             dead letters back onto a sink's stream          ``bridge.dead.DeadLetters``
 take_over.lua          a new lease holder claims what others left      ``bridge.recovery.Recovery``
 drop_consumers.lua     forget empty consumers of instances gone        ``bridge.recovery.Recovery``
 pairing_issue.lua      a DM pairing code for an unknown sender         ``bridge.pairing.Pairing``

@@ -157,7 +157,7 @@ async def test_readyz_names_what_is_not_ready(write_config: Any, start_daemon: A
         async with s.get(f"http://127.0.0.1:{d.port}/healthz") as r:
             assert r.status == 200
         async with s.get(f"http://127.0.0.1:{d.port}/metrics") as r:
-            assert "wechat_bridge_sent_total" in await r.text()
+            assert "wechat_bridge_delivered_total" in await r.text()
 
 
 async def test_stop_drains_sends_in_flight(write_config: Any, start_daemon: Any) -> None:
@@ -223,7 +223,10 @@ async def test_warns_when_redis_keeps_nothing_on_disk(
     assert "redis.no_persistence" in capfd.readouterr().err
 
 
-async def test_no_warning_on_the_embedded_redis(write_config: Any, start_daemon: Any, capfd: Any) -> None:
+async def test_the_embedded_redis_warning_says_what_it_can_lose(
+    write_config: Any, start_daemon: Any, capfd: Any
+) -> None:
     await start_daemon(write_config(WEBHOOK, redis=False))
     err = capfd.readouterr().err
     assert "embedded_redis.started" in err and "redis.no_persistence" not in err
+    assert "redis.fsync_everysec" in err and "up to ~1 s" in err  # appendonly yes, everysec

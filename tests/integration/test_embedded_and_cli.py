@@ -198,14 +198,23 @@ async def test_status_and_dead_replay(write_config: Any, start_daemon: Any) -> N
 
     status = await asyncio.to_thread(cli, "status", "--config", str(cfg.path), cwd=cfg.path.parent)
     assert status.returncode == 0, status.stderr
-    s = json.loads(status.stdout)["streams"]
+    snap = json.loads(status.stdout)  # not a terminal: JSON
+    s = {row["name"]: row for row in snap["streams"]}
+    assert s["dead"]["length"] == 1 and snap["dead_letters"] == 1
     parts = [v for k, v in s.items() if k == "out:c" or k.startswith("out:c:p")]  # the sink's partitions
-    assert len(parts) == 4 and sum(p["pending"] for p in parts) == 0
-    assert s["dead"]["length"] == 1 and any("t1" in p.get("consumers", {}) for p in parts)
+    assert len(parts) == 4 and sum(g["pending"] for p in parts for g in p["groups"]) == 0
+    assert any(c["name"] == "t1" for p in parts for g in p["groups"] for c in g["consumers"])
+    assert [i["name"] for i in snap["instances"]] == ["t1"]
+    shown = await asyncio.to_thread(cli, "status", "--table", "--config", str(cfg.path), cwd=cfg.path.parent)
+    assert "DEAD LETTERS  1" in shown.stdout and "INSTANCES (live)" in shown.stdout
 
     listed = await asyncio.to_thread(cli, "dead", "list", "--config", str(cfg.path), cwd=cfg.path.parent)
     [row] = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert row[Field.REASON] == "permanent: chat gone: recreate it"
+    assert row["reason"] == "permanent: chat gone: recreate it" and row["sink"] == "c"
+    shown = await asyncio.to_thread(
+        cli, "dead", "show", row["id"], "--config", str(cfg.path), cwd=cfg.path.parent
+    )
+    assert json.loads(shown.stdout)["payload"]["envelope"]["text"] == "retry me"
     bad = await asyncio.to_thread(
         cli, "dead", "replay", "0-1", "--config", str(cfg.path), cwd=cfg.path.parent
     )
@@ -214,7 +223,7 @@ async def test_status_and_dead_replay(write_config: Any, start_daemon: Any) -> N
         cli, "dead", "replay", row["id"], "--config", str(cfg.path), cwd=cfg.path.parent
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"replayed": 1}
+    assert json.loads(out.stdout) == {"replayed": 1, "skipped": 0}
     await wait_for(lambda: len(sink.sent) == 1)
     assert sink.sent[0].envelope.text == "retry me"
     assert await d.redis.xlen(d.bus.keys.dead) == 0

@@ -36,7 +36,8 @@ from bridge.egress import Egress
 from bridge.embedded_redis import EmbeddedRedis
 from bridge.errors import EgressRefused
 from bridge.files import private_dir
-from bridge.web import Counters, build_app
+from bridge.metrics import Metrics
+from bridge.web import build_app
 from tests.conftest import CollectSink, wait_for
 from tests.integration.test_daemon import free_port
 from tests.integration.test_embedded_and_cli import ROOT, cli
@@ -270,7 +271,7 @@ async def test_accept_failures_are_counted_not_logged_each_time(
     assert len([e for e in logs if e["event"] == "http.accept_failed"]) == 1
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{b.d.port}/metrics") as r:
         text = await r.text()
-    assert 'event="http.accept_failed",source="listener",reason="Too many open files"} 500' in text
+    assert 'event="http.accept_failed",reason="Too many open files",source="listener"} 500.0' in text
 
 
 # -- 4. no 500 from any input ------------------------------------------------------------------------
@@ -513,8 +514,8 @@ class _Status:
     async def readiness(self) -> dict[str, str]:
         return {"claw": "not connected to ws://admin:hunter2@10.0.0.9:18789/?password=hunter2"}
 
-    def counters(self) -> Counters:
-        return Counters()
+    async def exposition(self) -> bytes:
+        return Metrics().render()
 
 
 async def test_readyz_and_healthz_do_not_leak_passwords_host_or_versions() -> None:
@@ -650,7 +651,7 @@ async def test_repeated_refusals_are_logged_once_and_counted(make_bridge: MakeBr
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{b.d.port}/metrics") as r:
         text = await r.text()
     assert (
-        'wechat_bridge_refused_total{event="webhook.refused",source="hook",reason="missing signature"} 30'
+        'wechat_bridge_refused_total{event="webhook.refused",reason="missing signature",source="hook"} 30.0'
         in text
     )
 
