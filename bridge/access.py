@@ -4,8 +4,10 @@ Each inbound has an ``access`` table (:class:`bridge.config.AccessConfig`): ``dm
 chats (open, allowlist, pairing, disabled), ``group_policy`` for groups (open, allowlist, disabled),
 ``allow_senders``, ``allow_groups``, per-group sender lists (``group_senders``) and ``admins`` (who
 always pass, and the only ones who may run an ``admins_only`` command). A refused message is never
-routed: it is counted (:attr:`Gate.refused`) and logged as ``access.refused`` with the sender's id
-and no text. When the message was addressed to the bot (a direct chat, or a group message that
+routed: it is counted (:attr:`Gate.refused`, and ``wechat_bridge_refused_total{event="access.refused"}``
+on /metrics through :mod:`bridge.refusals`) and logged as ``access.refused`` with the sender's id and
+no text (the first of each reason per inbound, then one line per 10 s with the number suppressed).
+When the message was addressed to the bot (a direct chat, or a group message that
 mentions it), the optional ``refusal_reply`` goes back through the inbound's ``reply_via``, at most
 ``refusal_rate`` per sender (the core's GCRA, :class:`bridge.ratelimit.Limiter`). Under ``pairing`` an
 unknown sender gets a one-time code instead (:mod:`bridge.pairing`).
@@ -23,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bridge import logging as blog
+from bridge import refusals
 from bridge.bus import Bus
 from bridge.commands import Commands, Planner, SessionControl
 from bridge.config import AccessConfig, Config, parse_rates
@@ -138,10 +141,10 @@ class Gate:
 
     async def _refuse(self, env: Envelope, a: AccessConfig, decision: Decision) -> list[Delivery]:
         self.refused += 1
-        log.info(
-            "access.refused", source=env.source, envelope=env.id, conversation=env.conversation.id,
-            kind=env.conversation.kind, sender=env.sender.id if env.sender else None,
-            reason=decision.value[7:],
+        refusals.note(
+            log, "access.refused", env.source, decision.value[7:], envelope=env.id,
+            conversation=env.conversation.id, kind=env.conversation.kind,
+            sender=env.sender.id if env.sender else None,
         )  # fmt: skip
         if env.kind != "message" or not a.refusal_reply or not addressed(env):
             return []

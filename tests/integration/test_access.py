@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bridge import cli
+from bridge import cli, refusals
 from bridge.adapter import Registry
 from bridge.commands import SESSION_GEN
 from bridge.config import Config
@@ -217,6 +217,7 @@ async def test_refusals_are_logged_without_text(
     bridge: tuple[Daemon, Config], capsys: pytest.CaptureFixture[str]
 ) -> None:
     d, _ = bridge
+    refusals.reset()
     await send(d, "allow", "dm-bob", "my secret words", sender="bob")
     await settle(d)
     captured = capsys.readouterr()
@@ -224,6 +225,7 @@ async def test_refusals_are_logged_without_text(
     lines = [ln for ln in out.splitlines() if "access.refused" in ln]
     assert lines and "bob" in lines[0] and "dm_not_allowed" in lines[0]
     assert "my secret words" not in out
+    assert refusals.counts()[("access.refused", "allow", "dm_not_allowed")] == 1
 
 
 async def test_refusal_reply_is_rate_limited_per_sender(bridge: tuple[Daemon, Config]) -> None:
