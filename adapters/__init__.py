@@ -9,6 +9,7 @@ SOURCES: dict[str, str] = {
     "webhook": "adapters.generic.webhook:WebhookSource",
     "wecom_app": "adapters.wecom.app_callback:WeComAppSource",
     "wecom_aibot": "adapters.wecom.aibot:WeComAIBotSource",
+    "wecom_aibot_ws": "adapters.wecom.aibot_ws:WeComAIBotWSSource",
     "wechat_oa": "adapters.official_account.push:WeChatOASource",
 }
 
@@ -16,6 +17,7 @@ SINKS: dict[str, str] = {
     "log": "adapters.generic.log_sink:LogSink",
     "http": "adapters.generic.http_sink:HttpSink",
     "wecom_aibot": "adapters.wecom.aibot_sink:WeComAIBotSink",
+    "wecom_aibot_ws": "adapters.wecom.aibot_ws_sink:WeComAIBotWSSink",
     "wecom_app": "adapters.wecom.app_sink:WeComAppSink",
     "wecom_webhook": "adapters.wecom.webhook_sink:WeComWebhookSink",
     "wechat_oa": "adapters.official_account.customer_service:WeChatOASink",

@@ -119,6 +119,10 @@ class Source(Adapter):
     async def run(self) -> None:
         """The long-lived task; restarted with backoff if it crashes."""
 
+    def stop(self) -> None:
+        """Ask ``run`` to return soon: the daemon is stopping (it cancels ``run`` after
+        ``shutdown_timeout`` otherwise)."""
+
 
 class DeliveryServices(Protocol):
     """What a sink may ask of the runner sending its delivery (the runner implements it)."""

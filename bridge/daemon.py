@@ -515,6 +515,8 @@ class Daemon:
         self._workers_stop.set()
         for r in self.runners.values():
             r.stop()
+        for s in self.sources.values():
+            s.stop()
         # runners bound their own drain by shutdown_timeout; give them a little more, then cancel
         await self.supervisor.stop(self.config.bridge.shutdown_timeout + 5)
 

@@ -9,7 +9,10 @@ POST ``{"encrypt": "…"}``; after decryption one of:
 * a **stream refresh** (``msgtype = stream``): nothing published; answered with the reply so far,
   read from the draft the core keeps in Redis (``ctx.get_draft``), ``finish=true`` once the
   ``wecom_aibot`` sink has set the final answer (see adapters/wecom/aibot_sink.py);
-* an **event** (enter_chat, template_card_event, feedback_event, …): published, answered empty.
+* an **event** (enter_chat, template_card_event, feedback_event, …): published, answered empty —
+  except ``enter_chat`` with ``welcome`` (answered with that text) or ``welcome_wait`` (the answer a
+  route's agent gives within that many seconds is the welcome; a later one is a dead letter saying
+  so: WeCom takes a welcome only as the answer to the callback, within 5 s).
 
 Per message the source keeps a small hash under ``state_key("wecom_aibot", <envelope id>)``: the
 arrival time, the end of the stream window, the response_url. The sink reads it, since a reply
@@ -27,6 +30,8 @@ Config::
     reply_via = "aibot_reply"       # an outbound of type wecom_aibot
     # stream = true                 # answer with a stream (false: empty answer; replies use response_url)
     # stream_window = 330           # seconds an answer may still go into the stream (WeCom polls ≤ 360)
+    # welcome = ""                  # static answer to enter_chat (the user opened the chat)
+    # welcome_wait = 0              # else: seconds (≤ 4.5) to wait for a routed answer to enter_chat
     # timestamp_tolerance = 300     # seconds, 0 = off
     # dedupe_ttl = 86400
     # max_body = 32768
@@ -34,6 +39,7 @@ Config::
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -54,6 +60,8 @@ from bridge.envelope import Attachment, Conversation, Envelope, Sender, make_env
 CONTENT_MAX_BYTES = 20_480
 #: WeCom keeps polling a stream for at most this long
 STREAM_MAX_WINDOW = 360
+#: WeCom takes a welcome within 5 s of enter_chat; this leaves room for the round trip
+WELCOME_MAX_WAIT = 4.5
 
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STREAM_ID_MAX = 128
@@ -65,10 +73,18 @@ class WeComAIBotOptions(InboundOptions, forbid_unknown_fields=True, kw_only=True
     stream: bool = True
     #: seconds after a message during which its answer still goes into the stream
     stream_window: int = 330
+    #: static answer to enter_chat
+    welcome: str = ""
+    #: seconds to wait for a routed answer to enter_chat (0: none)
+    welcome_wait: float = 0.0
 
     def check(self) -> None:
         super().check()
         check_aes_key(self.encoding_aes_key)
+        if len(self.welcome.encode()) > CONTENT_MAX_BYTES:
+            raise ValueError(f"welcome: at most {CONTENT_MAX_BYTES} UTF-8 bytes")
+        if not 0 <= self.welcome_wait <= WELCOME_MAX_WAIT:
+            raise ValueError(f"welcome_wait: must be between 0 (off) and {WELCOME_MAX_WAIT} seconds")
         if not 1 <= self.stream_window <= STREAM_MAX_WINDOW:
             raise ValueError(f"stream_window: must be between 1 and {STREAM_MAX_WINDOW} seconds")
 
@@ -101,8 +117,12 @@ def _content(item: dict[str, Any], nested: bool = False) -> tuple[str, list[Atta
         return field(body, "content"), []
     if t in ("image", "file"):
         url = field(body, "url") or None
-        # the file behind the URL is AES-encrypted with the callback's key (doc 100719); 5 min valid
-        return "", [Attachment("image" if t == "image" else "file", url=url, extra={"encrypted": True})]
+        # the file behind the URL is AES-encrypted (doc 100719), with the callback's key in HTTP mode
+        # and with the per-URL aeskey in WebSocket mode; 5 min valid
+        extra: dict[str, Any] = {"encrypted": True}
+        if field(body, "aeskey"):
+            extra["aeskey"] = field(body, "aeskey")
+        return "", [Attachment("image" if t == "image" else "file", url=url, extra=extra)]
     if t == "mixed" and not nested:  # a mixed item is never itself mixed
         texts: list[str] = []
         atts: list[Attachment] = []
@@ -146,6 +166,12 @@ def aibot_envelope(source: str, msg: dict[str, Any], stream: bool) -> tuple[Enve
     kind = "event" if msg_type == "event" else "message"
     event = field(_obj(msg, "event"), "eventtype") if kind == "event" else None
     text, attachments = ("", []) if kind == "event" else _content(msg)
+    if event == "template_card_event":  # a card button click: routes match its key as the text
+        card = _obj(_obj(msg, "event"), "template_card_event")
+        for k in ("event_key", "task_id", "card_type"):
+            if field(card, k):
+                meta[k] = field(card, k)
+        text = field(card, "event_key")
     quote = _obj(msg, "quote")
     if quote:
         meta["quote_msg_type"] = field(quote, "msgtype")
@@ -214,7 +240,28 @@ class WeComAIBotSource(WeComSigned):
         await self.publish(env, key)
         if env.kind == "message" and self.options.stream:
             return self._reply(await self.stream_state(env.id), nonce)
+        if env.event == "enter_chat" and (self.options.welcome or self.options.welcome_wait):
+            text = self.options.welcome or await self._routed_welcome(env.id)
+            if text:
+                self.log.info("wecom_aibot.welcomed", envelope=env.id, routed=not self.options.welcome)
+                return self._reply_json({"msgtype": "text", "text": {"content": fit(text)}}, nonce)
         return web.Response(status=200, body=b"", content_type="text/plain")
+
+    async def _routed_welcome(self, envelope: str) -> str:
+        """The answer the wecom_aibot sink drafted for an enter_chat within ``welcome_wait``, or ""
+        (then the sink's answer, too late, goes to a dead letter saying why)."""
+        state = self.state(envelope)
+        end = time.monotonic() + self.options.welcome_wait
+        while True:
+            draft = await self.ctx.get_draft(envelope)
+            if draft is not None and draft[1]:
+                if await state.claim_final(FinalBy.STREAM) or await state.final_by() is FinalBy.STREAM:
+                    return draft[0]
+                return ""
+            if time.monotonic() >= end:
+                await state.claim_final(FinalBy.RESPONSE_URL)  # the sink stops waiting
+                return ""
+            await asyncio.sleep(0.05)
 
     async def _remember(self, env: Envelope) -> None:
         """Keep what the sink needs later: arrival time, stream deadline, response_url.
@@ -224,8 +271,10 @@ class WeComAIBotSource(WeComSigned):
         """
         now = time.time()
         streamed = env.kind == "message" and self.options.stream
+        welcome = env.event == "enter_chat" and not self.options.welcome and self.options.welcome_wait > 0
+        window = self.options.stream_window if streamed else self.options.welcome_wait if welcome else 0
         await self.state(env.id).remember(
-            now, now + self.options.stream_window if streamed else None, env.meta.get("response_url", "")
+            now, now + window if window else None, env.meta.get("response_url", "")
         )
 
     def state(self, envelope_id: str) -> StreamState:
@@ -253,5 +302,8 @@ class WeComAIBotSource(WeComSigned):
     def _reply(self, state: tuple[str, bool, str], nonce: str) -> web.Response:
         content, finish, stream_id = state
         body = {"msgtype": "stream", "stream": {"id": stream_id, "finish": finish, "content": content}}
+        return self._reply_json(body, nonce)
+
+    def _reply_json(self, body: dict[str, Any], nonce: str) -> web.Response:
         reply = self._crypt.reply_json(msgspec.json.encode(body), str(int(time.time())), nonce)
         return web.Response(status=200, body=reply, content_type="text/plain")

@@ -173,6 +173,9 @@ def test_every_script_is_given_keys_of_one_slot() -> None:
         "drop_consumers": [k.inbound],
         "pairing_issue": [ak.pending("in"), ak.code("ABCDEFGH"), ak.paired("in")],  # bridge/pairing.py
         "heartbeats (MGET)": [k.instances, k.instance("i1"), k.instance("i2")],
+        # bridge.held: one hash tag per held connection (its base key, as HeldConnection builds it)
+        "held_request": ["wb:{held:bot}:req", "wb:{held:bot}:done:r1"],
+        "held_finish": ["wb:{held:bot}:done:r1", "wb:{held:bot}:ans:r1"],
         # adapters/wechat/lua/: the access-token cache (adapters.wechat.tokens: key, key + ":lock")
         "token_store (adapters)": [k.state("wecom", "token"), k.state("wecom", "token") + ":lock"],
         "token_drop (adapters)": [k.state("wecom", "token")],

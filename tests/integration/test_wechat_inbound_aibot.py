@@ -248,3 +248,55 @@ async def test_without_stream_messages_get_an_empty_answer_and_replies_use_respo
     assert await send(b, message("m10", "q", receiver.url)) == {}
     await wait_for(lambda: len(receiver.posts) == 1)
     assert receiver.posts[0]["markdown"]["content"] == "via url"
+
+
+def enter_chat(msgid: str) -> bytes:
+    body = {"msgid": msgid, "create_time": 1733000000, "aibotid": "AIBOT", "chattype": "single",
+            "from": {"userid": "lisi"}, "msgtype": "event", "event": {"eventtype": "enter_chat"}}  # fmt: skip
+    return json.dumps(body).encode()
+
+
+async def welcome_answer(b: Bridge, msgid: str) -> dict[str, Any]:
+    q, body = post("wecom_aibot", enter_chat(msgid))
+    status, answer = await b.call("POST", "/wecom/bot", q, body)
+    assert status == 200, answer
+    return decrypt_reply(answer) if answer else {}
+
+
+WELCOME_ROUTE = """
+[[routes]]
+name = "hello"
+from = "bot"
+to = "ai"
+reply = true
+[routes.match]
+kinds = ["event"]
+"""
+
+
+async def test_a_static_welcome_answers_enter_chat(make_bridge: MakeBridge) -> None:
+    b = await make_bridge(
+        CONFIG.format(window=60, to="ai").replace(
+            "stream_window = 60", 'stream_window = 60\nwelcome = "Hi! Ask me anything."'
+        )
+    )
+    assert await welcome_answer(b, "e1") == {"msgtype": "text", "text": {"content": "Hi! Ask me anything."}}
+    assert await b.inbound_len() == 1  # the event is published too
+
+
+async def test_a_routed_welcome_within_the_wait_and_a_late_one(make_bridge: MakeBridge) -> None:
+    cfg = CONFIG.format(window=60, to="ai").replace(
+        "stream_window = 60", "stream_window = 60\nwelcome_wait = 1.5"
+    )
+    b = await make_bridge(cfg + WELCOME_ROUTE)
+    ai = CollectSink.instances["ai"]
+    ai.reply_text = "welcome, {text}friend"
+    assert await welcome_answer(b, "e2") == {"msgtype": "text", "text": {"content": "welcome, friend"}}
+    await wait_for(lambda: b.d.runners["bot_reply"].sent == 1)
+    ai.delay = (
+        2.0  # the agent answers after the wait: the callback is answered empty, the answer dead-lettered
+    )
+    assert await welcome_answer(b, "e3") == {}
+    await wait_for(lambda: dead(b), timeout=10)
+    [letter] = await dead(b)
+    assert b"no response_url" in letter[b"reason"]
