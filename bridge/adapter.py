@@ -187,6 +187,9 @@ class SendContext:
 class Sink(Adapter):
     #: the sink's default rate when the config gives none, e.g. "20/minute"
     default_rate: ClassVar[str | None] = None
+    #: the sink keys agent sessions by ``envelope.meta["session_gen"]`` (``/new``): the router stamps
+    #: it on the messages routed to such a sink (one Redis read per batch), and on no others
+    keeps_sessions: ClassVar[bool] = False
 
     def recipient_limits(self, delivery: Delivery) -> Sequence[tuple[str, Sequence[Rate]]]:
         """Per-recipient quotas for this delivery: (recipient key, rates) pairs."""
@@ -194,6 +197,16 @@ class Sink(Adapter):
 
     async def send(self, delivery: Delivery, ctx: SendContext) -> str:
         raise NotImplementedError
+
+    def session_of(self, delivery: Delivery) -> str | None:
+        """The agent session this delivery's turn would go to, in words (``/status``); None: this
+        sink keeps no sessions."""
+        return None
+
+    async def stop_turn(self, delivery: Delivery) -> str | None:
+        """Abort the agent turn in flight in this delivery's session (``/stop``) and say what was
+        done, in a sentence; None: this sink runs no turns."""
+        return None
 
 
 class Registry:

@@ -1,4 +1,5 @@
-"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, status, poll, dead.
+"""``wechat-bridge`` (also ``python -m bridge``): run, check-config, tail, inject, status, poll, dead,
+pairing.
 
 Every command takes ``--config F`` (default ``$WECHAT_BRIDGE_CONFIG``, then ``./bridge.toml``). On
 the embedded default the commands talk to the running daemon's Redis through its socket.
@@ -218,6 +219,45 @@ def cmd_dead(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_dead(cfg, args))
 
 
+async def _pairing(cfg: Config, args: argparse.Namespace) -> int:
+    from bridge.pairing import Pairing, PairingError
+
+    r = _redis(cfg)
+    try:
+        p = Pairing(r, cfg.redis.prefix)
+        if args.action == "list":
+            pending = [
+                {"inbound": x.inbound, "sender": x.sender, "code": x.code, "expires_at": x.expires_ms / 1000}
+                for x in await p.pending()
+            ]
+            print(json.dumps({"pending": pending, "paired": await p.paired()}, indent=2, ensure_ascii=False))
+            return 0
+        if len(args.arg) != 1:
+            what = "CODE" if args.action == "approve" else "SENDER"
+            print(f"error: pairing {args.action}: give one {what}", file=sys.stderr)
+            return 2
+        if args.inbound is not None and cfg.inbound_by_name(args.inbound) is None:
+            print(f"error: no inbound named {args.inbound!r} in {cfg.path}", file=sys.stderr)
+            return 1
+        if args.action == "approve":
+            try:
+                inbound, sender = await p.approve(args.arg[0])
+            except PairingError as e:
+                print(f"error: pairing approve: {e}", file=sys.stderr)
+                return 1
+            print(json.dumps({"approved": sender, "inbound": inbound}, ensure_ascii=False))
+            return 0
+        found = await p.revoke(args.arg[0], args.inbound)
+        print(json.dumps({"revoked": args.arg[0], "inbounds": found}, ensure_ascii=False))
+        return 0 if found else 1
+    finally:
+        await r.aclose()
+
+
+def cmd_pairing(args: argparse.Namespace, cfg: Config) -> int:
+    return asyncio.run(_pairing(cfg, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wechat-bridge", description=__doc__.splitlines()[0] if __doc__ else "")
     p.add_argument(
@@ -259,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--all", action="store_true", help="replay or purge every dead letter")
     dl.add_argument("--count", "-n", type=int, default=None, help="list: at most this many, oldest first")
     configure_poll(add("poll", cmd_poll, "poll one feed once and print what it finds (--publish to publish)"))
+    pr = add("pairing", cmd_pairing, "DM pairing: list codes and paired senders, approve a code, revoke")
+    pr.add_argument("action", choices=["list", "approve", "revoke"])
+    pr.add_argument("arg", nargs="*", help="approve: the CODE the sender got; revoke: the SENDER id")
+    pr.add_argument("--inbound", default=None, help="revoke: only on this inbound")
     for name, (configure, fn) in extra_commands().items():
         sp = add(name, fn, f"{name} (from the adapters)")
         configure(sp)

@@ -12,9 +12,9 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -149,10 +149,67 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fetch_private: list[str] = []
 
 
+DmPolicy = Literal["open", "allowlist", "pairing", "disabled"]
+GroupPolicy = Literal["open", "allowlist", "disabled"]
+
+
+class AccessConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Who may talk through one inbound (``[inbound.access]``); checked by the router before routing
+    (bridge/access.py)."""
+
+    dm_policy: DmPolicy = "open"
+    group_policy: GroupPolicy = "open"
+    #: senders let through in direct chats under ``allowlist`` (and ``pairing``, without a code)
+    allow_senders: list[str] = []
+    #: groups let through under ``group_policy = "allowlist"``
+    allow_groups: list[str] = []
+    #: group id → the only senders whose messages in that group pass (admins always pass)
+    group_senders: dict[str, list[str]] = {}
+    #: always let through; the only ones who may run a command marked ``admins_only``
+    admins: list[str] = []
+    #: answered (through ``reply_via``) to a refused message addressed to the bot; none by default
+    refusal_reply: str | None = None
+    #: how often one sender may get ``refusal_reply`` (and a pairing code)
+    refusal_rate: str = "1/10min"
+    #: the answer that carries a pairing code; ``{code}`` and ``{minutes}`` are filled in
+    pairing_reply: str = (
+        "This bot needs an operator's approval. Your pairing code is {code} "
+        "(valid {minutes} min): ask the operator to run `wechat-bridge pairing approve {code}`."
+    )
+    #: seconds a pairing code is valid
+    pairing_ttl: int = 3600
+    #: codes waiting for approval at once on this inbound (a flood cannot fill the code space)
+    max_pending: int = 100
+
+
+class CommandSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: the words that run it (matched without case), e.g. ["/new", "/reset"]
+    names: list[str]
+    enabled: bool = True
+    admins_only: bool = False
+
+
+def _cmd(*names: str) -> Any:
+    return msgspec.field(default_factory=lambda: CommandSpec(names=list(names)))
+
+
+class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Session commands answered by the bridge itself (bridge/commands.py)."""
+
+    enabled: bool = True
+    new: CommandSpec = _cmd("/new", "/reset")
+    status: CommandSpec = _cmd("/status")
+    stop: CommandSpec = _cmd("/stop")
+    help: CommandSpec = _cmd("/help")
+
+
 class InboundConfig(msgspec.Struct, kw_only=True):
     name: str
     type: str
     reply_via: str | None = None
+    access: AccessConfig = msgspec.field(default_factory=AccessConfig)
+    #: seconds: one sender's messages in one conversation this close together are one turn (0: off)
+    merge_window: float = 0.0
     #: adapter-specific keys, validated by the adapter's Options model
     options: dict[str, Any] = {}
 
@@ -174,6 +231,10 @@ class OutboundConfig(msgspec.Struct, kw_only=True):
     #: the sink's stream is split by conversation into this many partitions, each sent by one
     #: instance at a time (bridge/partitions.py): more partitions, more instances share the sink
     partitions: int = 4
+    #: an answer this sink cannot carry back (it raises NoWayBack) goes to this outbound instead
+    fallback: str | None = None
+    #: the fallback's conversation: ``{sender}`` and ``{conversation}`` of the message answered
+    fallback_conversation: str = "{sender}"
     options: dict[str, Any] = {}
 
 
@@ -211,6 +272,7 @@ class Config:
     inbound: list[InboundConfig]
     outbound: list[OutboundConfig]
     routes: list[RouteConfig]
+    commands: CommandsSection = field(default_factory=CommandsSection)
 
     @property
     def data_dir(self) -> Path:
@@ -263,6 +325,9 @@ def _where(prefix: str, msg: str) -> str:
     m = re.search(r"^(.*) - at `\$(.*)`$", msg)
     if m:
         key = (prefix + m.group(2)).lstrip(".")
+        unknown = re.fullmatch(r"Object contains unknown field `([^`]+)`", m.group(1))
+        if unknown:
+            return f"{key}.{unknown.group(1)}: unknown key"
         return f"{key}: {m.group(1)}"
     m = re.search(r"unknown field `([^`]+)`", msg)
     if m:
@@ -316,7 +381,7 @@ def _resolve_table(table: dict[str, Any], where: str, file: Path, env: dict[str,
     return out
 
 
-_INBOUND_CORE = {"name", "type", "reply_via"}
+_INBOUND_CORE = {"name", "type", "reply_via", "access", "merge_window"}
 _OUTBOUND_CORE = set(OutboundConfig.__struct_fields__) - {"options"}
 
 
@@ -347,7 +412,7 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
         raise ConfigError(f"{file}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{file}: not valid TOML: {e}") from None
-    known = {"bridge", "redis", "http", "inbound", "outbound", "routes"}
+    known = {"bridge", "redis", "http", "inbound", "outbound", "routes", "commands"}
     for k in raw:
         if k not in known:
             raise ConfigError(f"{file}: {k}: unknown section (expected one of {', '.join(sorted(known))})")
@@ -434,9 +499,63 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
     for i in inbound:
         if i.reply_via is not None and i.reply_via not in out_names:
             raise ConfigError(f"{file}: inbound.{i.name}.reply_via: no outbound named {i.reply_via!r}")
+        _check_access(i, file)
+    for o in outbound:
+        if o.fallback is not None and (o.fallback not in out_names or o.fallback == o.name):
+            raise ConfigError(f"{file}: outbound.{o.name}.fallback: no other outbound named {o.fallback!r}")
+        try:
+            o.fallback_conversation.format(sender="s", conversation="c")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"{file}: outbound.{o.name}.fallback_conversation: only {{sender}} and {{conversation}} "
+                f"may be filled in ({type(e).__name__}: {e})"
+            ) from None
+    commands = convert(section("commands"), CommandsSection, "commands", file)
+    _check_commands(commands, file)
 
     routes = [_route(i, r, file, env, in_names, out_names) for i, r in enumerate(_route_tables(raw, file))]
-    return Config(file, bridge, redis, http, inbound, outbound, routes)
+    return Config(file, bridge, redis, http, inbound, outbound, routes, commands)
+
+
+def _check_access(i: InboundConfig, file: Path) -> None:
+    if not 0 <= i.merge_window <= 60:
+        raise ConfigError(f"{file}: inbound.{i.name}.merge_window: seconds from 0 (off) to 60")
+    a, where = i.access, f"inbound.{i.name}.access"
+    try:
+        parse_rates(a.refusal_rate)
+    except ValueError as e:
+        raise ConfigError(f"{file}: {where}.refusal_rate: {e}") from None
+    if i.reply_via is None:
+        if a.dm_policy == "pairing":
+            raise ConfigError(f"{file}: {where}.dm_policy: pairing sends a code back: set reply_via")
+        if a.refusal_reply:
+            raise ConfigError(f"{file}: {where}.refusal_reply: needs reply_via on inbound.{i.name}")
+    if a.pairing_ttl < 60:
+        raise ConfigError(f"{file}: {where}.pairing_ttl: at least 60 seconds")
+    if a.max_pending < 1:
+        raise ConfigError(f"{file}: {where}.max_pending: must be at least 1")
+    try:
+        a.pairing_reply.format(code="C", minutes=1)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{file}: {where}.pairing_reply: only {{code}} and {{minutes}} ({e})") from None
+    if a.dm_policy == "pairing" and "{code}" not in a.pairing_reply:
+        raise ConfigError(f"{file}: {where}.pairing_reply: must contain {{code}}")
+
+
+def _check_commands(c: CommandsSection, file: Path) -> None:
+    seen: dict[str, str] = {}
+    for key in CommandsSection.__struct_fields__:
+        spec = getattr(c, key)
+        if not isinstance(spec, CommandSpec):
+            continue
+        if spec.enabled and not spec.names:
+            raise ConfigError(f"{file}: commands.{key}.names: give at least one name")
+        for n in spec.names:
+            if not re.fullmatch(r"/[^\s/]{1,32}", n):
+                raise ConfigError(f"{file}: commands.{key}.names: {n!r} is not a word starting with '/'")
+            if n.lower() in seen:
+                raise ConfigError(f"{file}: commands.{key}.names: {n!r} is also a name of {seen[n.lower()]}")
+            seen[n.lower()] = key
 
 
 def _route_tables(raw: dict[str, Any], file: Path) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -17,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from bridge import logging as blog
+from bridge.access import Gate
 from bridge.adapter import Context, Registry, Sink, Source
 from bridge.bus import UNAVAILABLE, Bus, Keys, connect
 from bridge.config import Config, load
@@ -30,7 +32,7 @@ from bridge.listener import Listener, install_accept_guard
 from bridge.metrics import Metrics
 from bridge.partitions import Members, Partitions, SinkRunners, Worker
 from bridge.poller import FeedCollector
-from bridge.router import Router
+from bridge.router import Router, plan
 from bridge.status import Heartbeat, gauge, snapshot
 from bridge.web import Counters, build_admin_app, build_app
 
@@ -262,6 +264,7 @@ class Daemon:
         self.runners: dict[str, SinkRunners] = {}
         #: the router while this instance holds the ``router`` lease (None when another does)
         self.router: Router | None = None
+        self.gate: Gate | None = None
         self._routed_before = 0
         self.members: Members | None = None
         self.router_lease: Partitions | None = None
@@ -370,6 +373,8 @@ class Daemon:
         cfg = self.config
         bus = self.bus
         assert bus is not None
+        #: access policies and session commands: one gate for every life of the router here
+        self.gate = Gate(cfg, bus, functools.partial(plan, cfg), self.sinks)
         ttl = cfg.bridge.lease_ttl
         bus.partitions = {o.name: o.partitions for o in cfg.outbound}
         self.members = members = Members(self.redis, bus.keys, self.instance, ttl=ttl)
@@ -406,7 +411,7 @@ class Daemon:
 
     def _make_router(self, _n: int, lease: Lease) -> Router:
         assert self.bus is not None
-        self.router = Router(self.config, self.bus, self.instance, lease=lease)
+        self.router = Router(self.config, self.bus, self.instance, lease=lease, gate=self.gate)
         return self.router
 
     def _router_done(self, router: Worker) -> None:

@@ -13,6 +13,9 @@ The tree::
         ├── RetryableError     worth another try later (5xx, 429, a dropped connection); may
         │                      carry the platform's ``retry_after``
         └── PermanentError     retrying cannot help (4xx, a rejected token): dead-lettered now
+            ├── NoWayBack      this sink cannot carry this answer back the way it came (a closed
+            │                  window, too long): relayed through the outbound's ``fallback``
+            │                  when it has one (bridge/fallback.py), else dead-lettered
             └── EgressRefused  a URL from a payload that bridge/egress.py refuses (not an
                                allowed host, or an internal address)
 
@@ -51,6 +54,17 @@ class RetryableError(SendError):
 
 class PermanentError(SendError):
     """A send that cannot work as it is: the delivery goes to the dead letters with this reason."""
+
+
+class NoWayBack(PermanentError):
+    """The answer cannot go back the way it came (e.g. an AI bot's stream window and response_url
+    are both closed, or it is too long for the platform). The runner relays it through the sink's
+    ``fallback`` outbound when one is configured; ``text``: what the fallback should carry (None:
+    the whole answer; e.g. only the part that did not get through)."""
+
+    def __init__(self, message: str, text: str | None = None) -> None:
+        super().__init__(message)
+        self.text = text
 
 
 class EgressRefused(PermanentError):

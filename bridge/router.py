@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from bridge import logging as blog
+from bridge.access import Gate
 from bridge.bus import ROUTER_GROUP, Bus, Field
 from bridge.config import Config, OutboundConfig, RouteConfig
 from bridge.envelope import Delivery, Envelope, Origin, decode_envelope, delivery_id, make_envelope, stable_id
 from bridge.lease import Lease
+from bridge.merge import Merger
 from bridge.recovery import Recovery
 
 log = blog.get("router")
@@ -117,7 +120,14 @@ class Router:
     """
 
     def __init__(
-        self, config: Config, bus: Bus, consumer: str, *, batch: int = 256, lease: Lease | None = None
+        self,
+        config: Config,
+        bus: Bus,
+        consumer: str,
+        *,
+        batch: int = 256,
+        lease: Lease | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -129,6 +139,10 @@ class Router:
         self._stopping = asyncio.Event()
         self._sinks = {o.name: o for o in config.outbound}
         self.routed = 0
+        #: access policies and session commands (bridge/access.py), before any message is planned
+        self.gate = gate if gate is not None else Gate(config, bus, functools.partial(plan, config))
+        #: bursts held for ``merge_window`` (bridge/merge.py): their entries are acked when routed
+        self.merger = Merger({i.name: i.merge_window for i in config.inbound})
 
     def stop(self) -> None:
         self._stopping.set()
@@ -139,6 +153,11 @@ class Router:
 
     def _may_read(self) -> bool:
         return not self._stopping.is_set() and (self.lease is None or self.lease.held)
+
+    def _block_ms(self) -> int:
+        """How long a read may block: 1 s, or less when a held burst falls due sooner."""
+        due = self.merger.next_due(time.time())
+        return 1000 if due is None else max(1, min(1000, int(due * 1000) + 1))
 
     async def run(self) -> None:
         stream = self.bus.keys.inbound
@@ -158,7 +177,7 @@ class Router:
             while self._may_read():
                 read = self.bus.read(
                     stream, ROUTER_GROUP, self.consumer, count=self.batch,
-                    block_ms=1000 if start == ">" else None, start=start, ack=acks, write=out,
+                    block_ms=self._block_ms() if start == ">" else None, start=start, ack=acks, write=out,
                 )  # fmt: skip
                 # a blocking read is abandoned when we stop; our own pending entries are read whole
                 entries = await (self.bus.or_stop(self._stopping, read) if start == ">" else read)
@@ -179,6 +198,9 @@ class Router:
                         # come so that one read serves them all (unrouted traffic, e.g. a source
                         # nobody routes yet, then costs a fraction of a round trip per entry)
                         await asyncio.sleep(IDLE_LINGER)
+                for ids, merged in self.merger.due(time.time()):  # bursts whose window passed
+                    routed += ids
+                    out += plan(self.config, merged, self._sinks)
         finally:  # what fails here is routed again by our next life (and deduped by the markers)
             with contextlib.suppress(Exception):
                 if out:
@@ -194,20 +216,38 @@ class Router:
         """The ids of a batch and the deliveries they make (undecodable entries are dead-lettered)."""
         ids = []
         out: list[Delivery] = []
+        envs: list[tuple[str, Envelope]] = []
         for eid, fields in entries:
-            ids.append(eid)
             raw = fields.get(Field.ENVELOPE.key)
             try:
                 if raw is None:
                     raise ValueError("no envelope field")
                 env = decode_envelope(raw)
             except ValueError as e:
+                ids.append(eid)
                 log.error("route.bad_entry", entry=eid, error=str(e))
                 await self.bus.dead_letter(
                     raw or b"", reason=f"undecodable inbound entry: {e}", origin="inbound",
                     attempts=0, instance=self.consumer,
                 )  # fmt: skip
                 continue
+            envs.append((eid, env))
+        await self.gate.prepare([env for _, env in envs])
+        for eid, env in envs:
+            merging = self.merger.merges(env)
+            if env.source in self.merger.windows:  # a held burst env does not join goes first
+                for held, merged in self.merger.before(env):
+                    ids += held
+                    out += plan(self.config, merged, self._sinks)
+            answers = await self.gate.admit(env)
+            if answers is not None:  # refused, or a command: not routed; the bridge's answers go
+                ids.append(eid)
+                out += answers
+                continue
+            if merging:  # held (unacked) until its burst is routed
+                self.merger.hold(eid, env)
+                continue
+            ids.append(eid)
             deliveries = plan(self.config, env, self._sinks)
             if not deliveries and blog.debug_enabled():
                 log.debug("route.unmatched", envelope=env.id, source=env.source)

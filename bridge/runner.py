@@ -45,7 +45,8 @@ from bridge.adapter import SendContext, Sink
 from bridge.bus import RUNNER_GROUP, UNAVAILABLE, Bus, Entry, Field
 from bridge.config import OutboundConfig, Rate, parse_rates
 from bridge.envelope import Delivery, decode_delivery, encode
-from bridge.errors import PermanentError, RetryableError
+from bridge.errors import NoWayBack, PermanentError, RetryableError
+from bridge.fallback import fallback_delivery
 from bridge.lease import Lease
 from bridge.ratelimit import Limit, Limiter
 from bridge.recovery import Recovery
@@ -651,6 +652,8 @@ class Runner:
                     if not self._sending:
                         self._sends_idle.set()
             except PermanentError as e:
+                if isinstance(e, NoWayBack) and await self._fallback(eid, d, e):
+                    return
                 await self._dead(eid, d, f"permanent: {e}", attempt, self._log(job))
                 return
             except (RetryableError, *UNAVAILABLE, TimeoutError) as e:
@@ -696,6 +699,23 @@ class Runner:
             if end - time.monotonic() > 0:
                 with contextlib.suppress(*UNAVAILABLE):
                     await self._claim(d, None)
+
+    async def _fallback(self, eid: str, d: Delivery, e: NoWayBack) -> bool:
+        """Hand an answer this sink cannot carry back to its ``fallback`` (bridge/fallback.py)."""
+        fd = fallback_delivery(self.cfg, d, e)
+        if fd is None:
+            return False
+        while True:
+            try:
+                await self.bus.add_deliveries([fd])
+                break
+            except UNAVAILABLE:
+                await asyncio.sleep(1.0)
+        self.log.warning(
+            "delivery.fallback", delivery=d.id, fallback=fd.sink, conversation=fd.conversation, reason=str(e)
+        )
+        self.acks.add(Ack(eid, self.keys.mark(self.cfg.name, d.id), f"done:fallback:{fd.id}"))
+        return True
 
     async def _dead(self, eid: str, d: Delivery, reason: str, attempts: int, log: Any) -> None:
         self.dead += 1

@@ -95,6 +95,12 @@ def check_template(template: str) -> None:
         raise ValueError("must contain {text}")
 
 
+#: envelope meta key of the text a message quotes (set by an inbound that sees quotes: the AI bot)
+QUOTE_TEXT = "quote_text"
+#: characters of a quote kept in the prompt
+QUOTE_MAX = 1000
+
+
 def session_key(template: str, *, source: str, conversation: str, kind: str, sender: str | None) -> str:
     """The rest of ``agent:<id>:<rest>`` for a conversation (see the module's docstring)."""
     values = {
@@ -150,6 +156,9 @@ def shape(
     if env.kind == "event":
         lines.append(f"[event: {env.event or 'unknown'}]")
     body = "\n".join(x for x in (text, *lines) if x)
+    quote = env.meta.get(QUOTE_TEXT, "").strip()
+    if quote and body.strip():  # what the person replied to: context before their words
+        body = "\n".join(f"> {q}" if q else ">" for q in quote[:QUOTE_MAX].splitlines()) + "\n" + body
     if not body.strip():
         raise ValueError("nothing to send: the message has no text and no attachment")
     sender_id = env.sender.id if env.sender else ""

@@ -93,6 +93,7 @@ from adapters.openclaw.gateway import (
 )
 from adapters.openclaw.http import AuthRejected, chat_completion, http_base
 from bridge.adapter import Context, SendContext, Sink
+from bridge.commands import SESSION_GEN
 from bridge.config import Secret
 from bridge.envelope import Delivery
 from bridge.errors import ConfigError, PermanentError, RetryableError
@@ -113,6 +114,8 @@ STATE_TTL = 7 * 86_400
 HISTORY_LIMIT = 100
 #: new keys one send may move to before it gives the turn back to the runner
 MAX_NEW_KEYS = 3
+#: seconds a /stop excuses the aborted run (it ends without an answer instead of as a dead letter)
+STOPPED_TTL = 600
 
 
 class OpenClawOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -183,6 +186,7 @@ class OpenClawSink(Sink):
     Options = OpenClawOptions
     options: OpenClawOptions
     default_rate = None
+    keeps_sessions = True
 
     def __init__(self, name: str, options: OpenClawOptions, ctx: Context) -> None:
         super().__init__(name, options, ctx)
@@ -270,7 +274,40 @@ class OpenClawSink(Sink):
             kind=env.conversation.kind,
             sender=env.sender.id if env.sender else None,
         )
+        gen = env.meta.get(SESSION_GEN, "")
+        if gen.isdigit() and int(gen) > 0:  # /new moved the conversation to a fresh session
+            rest += f":g{int(gen)}"
         return f"agent:{agent}:{rest}"
+
+    # -- session commands (bridge/commands.py) ----------------------------------------------------------
+
+    def session_of(self, delivery: Delivery) -> str | None:
+        agent = self.agent_for(delivery)
+        return f"agent {agent}, session {self.session_for(delivery, agent)}"
+
+    async def stop_turn(self, delivery: Delivery) -> str | None:
+        """``sessions.abort`` on the conversation's session (WebSocket mode only)."""
+        session = self.session_for(delivery, self.agent_for(delivery))
+        if self.options.mode == "http" or self.client is None:
+            return f"{self.name}: cannot stop a turn in HTTP mode (the chat route has no abort)."
+        try:
+            conn = await self.client.connection(self.options.connect_timeout)
+            payload = await self.client.rpc(conn, "sessions.abort", {"key": session}, timeout=10.0)
+        except (GatewayRefused, NotConnected, ConnectionLost) as e:
+            return f"{self.name}: the agent's gateway is not reachable ({type(e).__name__})."
+        except GatewayError as e:
+            self.log.warning("openclaw.abort_refused", session=session, code=e.code, error=e.message)
+            return f"{self.name}: the gateway refused to stop the turn ({e.code})."
+        run = payload.get("abortedRunId")
+        if payload.get("status") != "aborted" or not isinstance(run, str) or not run:
+            return f"{self.name}: no answer was in progress."
+        # the turn's delivery ends quietly instead of as a dead letter (see _send_ws)
+        await self.ctx.redis.set(self._stopped_key(run), 1, ex=STOPPED_TTL)
+        self.log.info("openclaw.aborted", session=session, run=run)
+        return f"{self.name}: stopped the answer in progress."
+
+    def _stopped_key(self, run_id: str) -> str:
+        return self.ctx.state_key(self.name, f"stopped:{run_id}")
 
     def message_for(self, d: Delivery) -> str:
         o = self.options
@@ -411,8 +448,13 @@ class OpenClawSink(Sink):
         state_key = self.ctx.state_key(self.name, f"run:{d.id}")
         try:
             return await self._turn(d, ctx, agent, session, message, state_key)
-        except RunFailedError:  # remember it: a replay of the dead letter runs the turn afresh
-            await self.ctx.redis.hset(state_key, "failed", 1)
+        except RunFailedError:
+            gen = int(await self.ctx.redis.hget(state_key, "gen") or 0)
+            keys = [self._stopped_key(self.run_key(d.id, g)) for g in range(gen + 1)]
+            if any(await self.ctx.redis.mget(keys)):  # a person's /stop aborted it: done, no answer
+                self.log.info("openclaw.stopped", delivery=d.id, session=session)
+                return Answer(d.id, "")
+            await self.ctx.redis.hset(state_key, "failed", 1)  # a replay of the dead letter runs afresh
             raise
 
     async def _turn(

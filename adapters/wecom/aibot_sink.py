@@ -11,8 +11,11 @@ An AI bot in API mode cannot post on its own; it answers the message that reache
 
 ``final_by`` is set once (HSETNX) by whichever side comes first, so the answer is shown once.
 Both channels take at most 20480 UTF-8 bytes; a longer answer goes in two parts (the stream, then
-response_url), cut on character boundaries; one that does not fit in two is refused whole, with a
-dead letter that says so, never truncated.
+response_url), cut on character boundaries; one that does not fit in two is refused whole, never
+truncated. An answer that cannot go back this way (too long, or the stream window and response_url
+both closed) raises ``NoWayBack``: with ``fallback = "<outbound>"`` on this outbound (e.g. the WeCom
+app, ``fallback_conversation = "user:{sender}"``) the runner relays it there to the member who
+asked, else it is a dead letter that says why (bridge/fallback.py).
 
 Only replies go here (``reply_via`` of a ``wecom_aibot`` inbound): the delivery's envelope is the
 reply, ``origin.envelope_id`` the message it answers.
@@ -24,6 +27,8 @@ Config::
     type = "wecom_aibot"
     # timeout = 10          # seconds for the response_url POST
     # poll_interval = 0.2   # seconds between looks at whether WeCom fetched the final stream
+    # fallback = "wecom"    # answers the AI bot cannot carry go through the WeCom app instead
+    # fallback_conversation = "user:{sender}"
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from adapters.wecom.aibot import CONTENT_MAX_BYTES
 from adapters.wecom.aibot_state import ADAPTER, RESPONSE_URL_TTL, TTL, FinalBy, StreamState
 from bridge.adapter import SendContext, Sink
 from bridge.envelope import Delivery
-from bridge.errors import PermanentError, RetryableError
+from bridge.errors import NoWayBack, PermanentError, RetryableError
 from bridge.text import split_text
 
 #: a response_url is not used this close to its expiry
@@ -79,9 +84,9 @@ class WeComAIBotSink(Sink):
         )
         if len(parts) > 2:
             size = len(env.text.encode())
-            raise PermanentError(
+            raise NoWayBack(
                 f"the answer is {size} UTF-8 bytes: an AI bot shows at most 2 x {CONTENT_MAX_BYTES} "
-                "(stream + response_url); send long answers through another outbound"
+                "(stream + response_url); set this outbound's fallback to send long answers another way"
             )
         done = await ctx.parts_sent()
         if done == 0:
@@ -91,9 +96,10 @@ class WeComAIBotSink(Sink):
             done = 1
         if done < len(parts):
             if await state.final_by() is not FinalBy.STREAM:
-                raise PermanentError(
+                raise NoWayBack(
                     "part 2 of 2 of the answer was not delivered: the stream window had closed, "
-                    "so response_url carried part 1"
+                    "so response_url carried part 1",
+                    text=parts[1],
                 )
             await self._post(state, parts[1])
             await ctx.part_sent(2)
@@ -126,9 +132,9 @@ class WeComAIBotSink(Sink):
             return  # a previous attempt posted it and stopped before recording the part
         url = now.response_url if now is not None else ""
         if not url or now is None:
-            raise PermanentError("the stream window closed and the message carries no response_url")
+            raise NoWayBack("the stream window closed and the message carries no response_url")
         if time.time() > now.arrived_at + RESPONSE_URL_TTL - _RESPONSE_URL_MARGIN:
-            raise PermanentError(f"the message's response_url expired (valid {RESPONSE_URL_TTL // 60} min)")
+            raise NoWayBack(f"the message's response_url expired (valid {RESPONSE_URL_TTL // 60} min)")
         body = {"msgtype": "markdown", "markdown": {"content": text}}
         await self.ctx.egress.check(url)  # the URL came in the callback: WeCom's hosts only
         try:

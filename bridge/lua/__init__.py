@@ -22,6 +22,7 @@ take_over.lua          a new lease holder claims what others left      ``bridge.
 drop_consumers.lua     forget empty consumers of instances gone        ``bridge.recovery.Recovery``
 held_request.lua       queue a request for a held connection's holder  ``bridge.held.HeldConnection``
 held_finish.lua        record a held request's result, then answer it  ``bridge.held.HeldConnection``
+pairing_issue.lua      a DM pairing code for an unknown sender         ``bridge.pairing.Pairing``
 claim.lua, gcra.lua,   fragments: ``claim()``, ``gcra()``,
 lease_check.lua        ``lease_held()``
 =====================  ==============================================  ================================

@@ -23,6 +23,7 @@ from bridge.dead import DeadLetters
 from bridge.envelope import Conversation, decode_envelope, make_envelope
 from bridge.errors import BusUnavailable, PermanentError
 from bridge.lease import Lease
+from bridge.pairing import AccessKeys
 from bridge.ratelimit import Limit, Limiter
 from bridge.status import snapshot
 from tests import redis_cluster
@@ -154,6 +155,7 @@ def test_every_script_is_given_keys_of_one_slot() -> None:
     claim_read.lua builds its markers from a prefix, which must hash with its stream too. A script
     missing here fails the test: add it with its callers' keys."""
     k = Keys("wb")
+    ak = AccessKeys("wb")
     lease = k.lease("partition-1")
     calls = {
         "publish_many": [k.inbound, k.seen("wecom", "m1"), k.seen("hook", "m2")],
@@ -169,6 +171,7 @@ def test_every_script_is_given_keys_of_one_slot() -> None:
         "replay": [k.partition("a", 2), k.mark("a", "d1")],  # a conversation's partition, its marker
         "take_over": [k.partition("a", 3)],
         "drop_consumers": [k.inbound],
+        "pairing_issue": [ak.pending("in"), ak.code("ABCDEFGH"), ak.paired("in")],  # bridge/pairing.py
         "heartbeats (MGET)": [k.instances, k.instance("i1"), k.instance("i2")],
         # bridge.held: one hash tag per held connection (its base key, as HeldConnection builds it)
         "held_request": ["wb:{held:bot}:req", "wb:{held:bot}:done:r1"],
