@@ -24,6 +24,7 @@ from aiohttp import web
 
 from adapters.wechaty.sink import WechatySink
 from adapters.wechaty.source import WechatySource
+from bridge.config import load
 from bridge.daemon import Daemon
 from bridge.envelope import Attachment, Conversation, Envelope, decode_envelope, make_envelope
 from tests.conftest import CollectSink, wait_for
@@ -536,3 +537,31 @@ async def test_the_login_command_follows_a_running_bridge(
     assert proc.returncode == 0, err.decode()
     assert "logged in as bot (Bot)" in out.decode()
     await wait_for(lambda: ready(d), timeout=10)
+
+
+async def test_access_policies_and_session_commands_hold_for_wechaty(
+    services: Any, wx_config: Any, start_daemon: Any
+) -> None:
+    """What the core gives every inbound works here too: a DM refused by policy never reaches a sink,
+    and a session command in the room is answered by the bridge itself, never reaching the agent."""
+    svc: PuppetService = await services()
+    cfg = wx_config(svc)
+    access = '[inbound.access]\ndm_policy = "disabled"\ngroup_policy = "open"\nadmins = ["alice"]\n'
+    text = cfg.path.read_text().replace('[[inbound]]\nname = "man"', access + '[[inbound]]\nname = "man"', 1)
+    cfg.path.write_text(text)
+
+    d = await start_daemon(load(cfg.path, env=dict(os.environ)))
+    c = CollectSink.instances["c"]
+    await wait_for(lambda: ready(d), timeout=30)
+
+    await svc.say("let me in", frm="bob", room=None, to="bot", id="m-dm")  # refused: DMs disabled
+    await svc.say("@Bot /status", mentions=["bot"], id="m-cmd")  # answered by the bridge
+    await svc.say("@Bot hello", mentions=["bot"], id="m-ask")  # goes to the agent
+    await wait_for(lambda: len(c.sent) == 1, timeout=20)
+    answer = await svc.wait(
+        lambda e: e.get("ev") == "message" and e.get("talker") == "bot" and e.get("room") == ROOM, timeout=20
+    )
+    assert f"Conversation {ROOM} (group), session #0." in answer["text"]  # the bridge's own /status
+    await asyncio.sleep(1.0)
+    assert [s.envelope.meta["message_id"] for s in c.sent] == ["m-ask"]  # no DM, no command
+    assert not any(e.get("listener") == "bob" for e in svc.events)  # the refused DM got no answer
