@@ -121,4 +121,11 @@ def sentinel(workdir: Path, service: str = "main") -> Iterator[tuple[int, int, i
     with _servers(workdir, confs):
         _wait(lambda: "master_link_status:up" in cli(replica, "info", "replication"), "replica link")
         _wait(lambda: str(master) in cli(sent, "sentinel", "get-master-addr-by-name", service), "sentinel")
+        # the Sentinel learns of replicas from the master's INFO (every 10 s): until it lists this one it
+        # has no replica to promote ("-failover-abort-no-good-slave")
+        _wait(
+            lambda: str(replica) in cli(sent, "sentinel", "replicas", service),
+            "sentinel sees the replica",
+            30,
+        )
         yield master, replica, sent

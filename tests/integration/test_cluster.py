@@ -267,7 +267,12 @@ async def test_a_failover_loses_nothing_wait_confirmed(tmp_path: Path, prefix: s
             async def healthy() -> bool:
                 link = await asyncio.to_thread(redis_cluster.cli, replica, "info", "replication")
                 seen = await asyncio.to_thread(redis_cluster.cli, sent, "sentinel", "replicas", "main")
-                return "master_link_status:up" in link and "s_down" not in seen and "disconnected" not in seen
+                return (
+                    "master_link_status:up" in link
+                    and str(replica) in seen  # the Sentinel knows the replica it is to promote
+                    and "s_down" not in seen
+                    and "disconnected" not in seen
+                )
 
             await wait_for(healthy, timeout=30, every=0.2)
             info = await asyncio.to_thread(redis_cluster.cli, master, "info", "server")
