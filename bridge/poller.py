@@ -55,6 +55,7 @@ from bridge.config import Config
 from bridge.envelope import Attachment, Conversation, Sender, make_envelope, stable_id
 from bridge.errors import BusUnavailable
 from bridge.lease import Lease
+from bridge.transport import read_at_most
 
 log = blog.get("feed")
 
@@ -195,7 +196,7 @@ async def read_body(response: aiohttp.ClientResponse, cap: int) -> bytes:
     declared = response.content_length
     if declared is not None and declared > cap:
         raise TransientFeedError(f"response body of {declared} bytes is over max_response ({cap})")
-    data = await response.content.read(cap + 1)
+    data = await read_at_most(response.content, cap + 1)
     if len(data) > cap:
         raise TransientFeedError(f"response body is over max_response ({cap} bytes)")
     return data

@@ -66,9 +66,7 @@ class AiohttpPoster:
             timeout=aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,  # as the small client: a 3xx is answered as it is
         ) as resp:
-            data = await resp.content.read(MAX_BODY)
-            while len(data) < MAX_BODY and (more := await resp.content.read(MAX_BODY - len(data))):
-                data += more
+            data = await read_at_most(resp.content, MAX_BODY)
             if not resp.content.at_eof():
                 resp.close()  # cut at the cap: the rest is not read, the connection not reused
             found = {k.lower(): ", ".join(resp.headers.getall(k)) for k in resp.headers}
@@ -76,6 +74,17 @@ class AiohttpPoster:
 
     async def close(self) -> None:
         """Nothing to release: the session is the daemon's."""
+
+
+async def read_at_most(content: aiohttp.StreamReader, n: int) -> bytes:
+    """A response body up to ``n`` bytes: read until ``n`` or the end (one ``content.read(n)``
+    returns only what is buffered, so a body that arrives in several segments would come back cut).
+    Whether more followed: ``content.at_eof()``; a caller that must refuse an oversize body reads
+    ``cap + 1``."""
+    data = b""
+    while len(data) < n and (more := await content.read(n - len(data))):
+        data += more
+    return data
 
 
 def poster(url: str, headers: Iterable[tuple[str, str]], http: Callable[[], aiohttp.ClientSession]) -> Poster:
